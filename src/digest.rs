@@ -1,0 +1,345 @@
+//! SHA-512 names and the only way to obtain a [`VerifiedFile`]: bytes hashed while they
+//! were written, whose digest matched the expected one.
+//!
+//! Nothing else in the crate may construct a `VerifiedFile`; code that serves or caches a
+//! blob takes one, so unverified bytes cannot reach a reader by accident.
+
+use sha2::{Digest, Sha512 as Sha512Hasher};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use tempfile::TempPath;
+
+/// A SHA-512 digest, written as 128 lowercase hex digits on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sha512([u8; 64]);
+
+/// Why a string is not a SHA-512 name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a SHA-512 name (128 lowercase hex digits): {0:?}")]
+pub struct BadSha512(pub String);
+
+impl Sha512 {
+    /// Parses exactly 128 lowercase hex digits: the form shacache names blobs by.
+    pub fn parse(s: &str) -> Result<Self, BadSha512> {
+        let bad = || BadSha512(s.chars().take(140).collect());
+        if s.len() != 128 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad());
+        }
+        let mut out = [0u8; 64];
+        hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
+        Ok(Sha512(out))
+    }
+
+    /// Parses 128 hex digits in either case (servers accept both in bodies).
+    pub fn parse_any_case(s: &str) -> Result<Self, BadSha512> {
+        Self::parse(&s.to_ascii_lowercase()).map_err(|_| BadSha512(s.chars().take(140).collect()))
+    }
+
+    /// The digest of a byte slice.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self::from_hasher(Sha512Hasher::new_with_prefix(bytes))
+    }
+
+    /// The digest of everything a reader yields.
+    pub fn of_reader(mut r: impl Read) -> io::Result<(Self, u64)> {
+        let mut h = Sha512Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            h.update(&buf[..n]);
+            total += n as u64;
+        }
+        Ok((Self::from_hasher(h), total))
+    }
+
+    /// The digest of a file's content.
+    pub fn of_file(path: &Path) -> io::Result<(Self, u64)> {
+        Self::of_reader(File::open(path)?)
+    }
+
+    fn from_hasher(h: Sha512Hasher) -> Self {
+        let mut out = [0u8; 64];
+        out.copy_from_slice(&h.finalize());
+        Sha512(out)
+    }
+
+    /// 128 lowercase hex digits.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// The first `n` hex digits (n ≤ 128), for short names and logs.
+    pub fn short(&self, n: usize) -> String {
+        let mut s = self.hex();
+        s.truncate(n.min(128));
+        s
+    }
+}
+
+impl fmt::Display for Sha512 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl fmt::Debug for Sha512 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sha512({}…)", self.short(16))
+    }
+}
+
+impl FromStr for Sha512 {
+    type Err = BadSha512;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// A temporary file that hashes what is written to it.
+///
+/// Used for downloads (then [`HashingFile::verify`]) and for uploads received by the
+/// server (then [`HashingFile::finish`], which names the blob by what was received).
+pub struct HashingFile {
+    file: File,
+    path: TempPath,
+    hasher: Sha512Hasher,
+    len: u64,
+}
+
+/// The hash did not match: the temporary file is already deleted.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("SHA-512 mismatch: expected {expected}, got {actual} ({len} bytes)")]
+pub struct Mismatch {
+    pub expected: Sha512,
+    pub actual: Sha512,
+    pub len: u64,
+}
+
+impl HashingFile {
+    /// A new empty temporary file in `dir` (same filesystem as its destination, so the
+    /// final rename is atomic).
+    pub fn new_in(dir: &Path) -> io::Result<Self> {
+        let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+        let (file, path) = tmp.into_parts();
+        Ok(HashingFile {
+            file,
+            path,
+            hasher: Sha512Hasher::new(),
+            len: 0,
+        })
+    }
+
+    /// Appends bytes and feeds them to the hash.
+    pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.hasher.update(data);
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    /// Feeds bytes already written to the file by other means (e.g. `copy_file_range`).
+    /// Private to the crate so only code that wrote exactly these bytes can call it.
+    pub(crate) fn account(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        self.len += data.len() as u64;
+    }
+
+    /// Bytes written so far (where a resumed download continues from).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Throws away everything written (a server answered 200 to a resume request).
+    pub fn reset(&mut self) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.hasher = Sha512Hasher::new();
+        self.len = 0;
+        Ok(())
+    }
+
+    /// The file being written (for `copy_file_range` style writers).
+    pub(crate) fn file(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// Ends writing: flushes to disk and returns the digest of what was written.
+    pub fn finish(mut self, durable: bool) -> io::Result<HashedFile> {
+        self.file.flush()?;
+        if durable {
+            self.file.sync_all()?;
+        }
+        let sha = Sha512::from_hasher(self.hasher);
+        Ok(HashedFile {
+            path: self.path,
+            sha,
+            len: self.len,
+        })
+    }
+
+    /// Ends writing and checks the digest. On a mismatch the file is deleted.
+    pub fn verify(self, expected: &Sha512) -> Result<VerifiedFile, VerifyError> {
+        let hashed = self.finish(false)?;
+        if hashed.sha != *expected {
+            return Err(VerifyError::Mismatch(Mismatch {
+                expected: *expected,
+                actual: hashed.sha,
+                len: hashed.len,
+            }));
+        }
+        Ok(VerifiedFile {
+            path: hashed.path,
+            sha: hashed.sha,
+            len: hashed.len,
+        })
+    }
+}
+
+/// A fully written temporary file and the digest of its bytes.
+pub struct HashedFile {
+    path: TempPath,
+    sha: Sha512,
+    len: u64,
+}
+
+impl HashedFile {
+    pub fn sha(&self) -> Sha512 {
+        self.sha
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Renames into place (atomic on one filesystem). The blob is named by its own hash,
+    /// so this is verified by construction.
+    pub fn persist(self, dest: &Path) -> io::Result<()> {
+        self.path.persist(dest).map_err(|e| e.error)?;
+        Ok(())
+    }
+    /// A hashed file is verified against its own digest.
+    pub fn into_verified(self) -> VerifiedFile {
+        VerifiedFile {
+            path: self.path,
+            sha: self.sha,
+            len: self.len,
+        }
+    }
+}
+
+/// A download that failed verification, or the I/O that stopped it.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Mismatch(Mismatch),
+    #[error("writing the temporary file: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A temporary file whose content is known to hash to `sha`. Only a hash match makes one.
+#[derive(Debug)]
+pub struct VerifiedFile {
+    path: TempPath,
+    sha: Sha512,
+    len: u64,
+}
+
+impl VerifiedFile {
+    pub fn sha(&self) -> Sha512 {
+        self.sha
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Renames into place; the file is no longer temporary.
+    pub fn persist(self, dest: &Path) -> io::Result<PathBuf> {
+        self.path.persist(dest).map_err(|e| e.error)?;
+        Ok(dest.to_path_buf())
+    }
+    /// Verifies a file already on disk (e.g. a cached blob) by hashing it again.
+    /// The file is *not* temporary afterwards unless it was; callers keep ownership of
+    /// the path through the returned value only when they want it deleted on drop.
+    pub fn check_existing(path: &Path, expected: &Sha512) -> Result<u64, VerifyError> {
+        let (actual, len) = Sha512::of_file(path)?;
+        if actual != *expected {
+            return Err(VerifyError::Mismatch(Mismatch {
+                expected: *expected,
+                actual,
+                len,
+            }));
+        }
+        Ok(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = "af069ac6a781ffdf3999e6e85dd4ad3c7bd7fa911bc350852877713eef390e3a9ce89663ad621544ccf2e27cd7cd3e9c37c444b962f9a35d44884de03e292c1c";
+
+    #[test]
+    fn parse_accepts_only_lowercase_128_hex() {
+        assert!(Sha512::parse(HELLO).is_ok());
+        assert!(Sha512::parse(&HELLO.to_uppercase()).is_err());
+        assert!(Sha512::parse(&HELLO[..127]).is_err());
+        assert!(Sha512::parse(&format!("{HELLO}0")).is_err());
+        assert!(Sha512::parse("../../etc/passwd").is_err());
+        assert_eq!(Sha512::parse_any_case(&HELLO.to_uppercase()).unwrap().hex(), HELLO);
+    }
+
+    #[test]
+    fn digest_of_fixture_content() {
+        assert_eq!(Sha512::of(b"hello shacache\n").hex(), HELLO);
+        assert_eq!(Sha512::of(b"").hex(), "cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce47d0d13c5d85f2b0ff8318d2877eec2f63b931bd47417a81a538327af927da3e");
+    }
+
+    #[test]
+    fn hashing_file_verifies_and_resets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = HashingFile::new_in(dir.path()).unwrap();
+        f.write_all(b"garbage").unwrap();
+        f.reset().unwrap();
+        f.write_all(b"hello ").unwrap();
+        f.write_all(b"shacache\n").unwrap();
+        let v = f.verify(&Sha512::parse(HELLO).unwrap()).unwrap();
+        assert_eq!(v.len(), 15);
+        let dest = dir.path().join("blob");
+        v.persist(&dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"hello shacache\n");
+    }
+
+    #[test]
+    fn mismatch_deletes_the_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = HashingFile::new_in(dir.path()).unwrap();
+        f.write_all(b"evil").unwrap();
+        let err = f.verify(&Sha512::parse(HELLO).unwrap()).unwrap_err();
+        assert!(matches!(err, VerifyError::Mismatch(_)));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,14 @@
+//! shacachefs: a SlapOS network cache (shacache + shadir) as a directory tree.
+//!
+//! Data flows one way: `cli/config → app → mount (FUSE adapter) → fs (core) → cache →
+//! remote`. The embedded server shares only the wire types, the digest and the signature
+//! code with the client side. See `ARCHITECTURE.md` for the module map.
+
+pub mod config;
+pub mod digest;
+pub mod filter;
+pub mod pyjson;
+pub mod remote;
+pub mod server;
+pub mod signature;
+pub mod wire;

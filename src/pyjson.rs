@@ -1,0 +1,227 @@
+//! JSON written exactly as Python's `json.dumps` writes it, so the entries we sign and
+//! the listings we print are byte-for-byte what the reference client produces.
+//!
+//! Python's defaults: `", "` and `": "` separators (`","` between items when indenting),
+//! `ensure_ascii` (everything outside space..`~` escaped as lowercase `\uXXXX`, with
+//! surrogate pairs), insertion order unless `sort_keys`, floats as `repr()`.
+
+use serde_json::Value;
+use std::fmt::Write;
+
+/// How to lay the JSON out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Style {
+    /// `indent=N`: newlines and N spaces per level.
+    pub indent: Option<usize>,
+    /// `sort_keys=True`.
+    pub sort_keys: bool,
+}
+
+/// `json.dumps(value)` with Python's default arguments.
+pub fn dumps(value: &Value) -> String {
+    dumps_with(value, Style::default())
+}
+
+/// `json.dumps(value, indent=…, sort_keys=…)`.
+pub fn dumps_with(value: &Value, style: Style) -> String {
+    let mut out = String::new();
+    write_value(&mut out, value, style, 0);
+    out
+}
+
+fn newline(out: &mut String, style: Style, level: usize) {
+    if let Some(n) = style.indent {
+        out.push('\n');
+        for _ in 0..n * level {
+            out.push(' ');
+        }
+    }
+}
+
+fn write_value(out: &mut String, value: &Value, style: Style, level: usize) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(true) => out.push_str("true"),
+        Value::Bool(false) => out.push_str("false"),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                let _ = write!(out, "{i}");
+            } else if let Some(u) = n.as_u64() {
+                let _ = write!(out, "{u}");
+            } else {
+                out.push_str(&float_repr(n.as_f64().unwrap_or(f64::NAN)));
+            }
+        }
+        Value::String(s) => write_string(out, s),
+        Value::Array(items) => {
+            if items.is_empty() {
+                out.push_str("[]");
+                return;
+            }
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(if style.indent.is_some() { "," } else { ", " });
+                }
+                newline(out, style, level + 1);
+                write_value(out, item, style, level + 1);
+            }
+            newline(out, style, level);
+            out.push(']');
+        }
+        Value::Object(map) => {
+            if map.is_empty() {
+                out.push_str("{}");
+                return;
+            }
+            let mut pairs: Vec<(&String, &Value)> = map.iter().collect();
+            if style.sort_keys {
+                pairs.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, v)) in pairs.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(if style.indent.is_some() { "," } else { ", " });
+                }
+                newline(out, style, level + 1);
+                write_string(out, k);
+                out.push_str(": ");
+                write_value(out, v, style, level + 1);
+            }
+            newline(out, style, level);
+            out.push('}');
+        }
+    }
+}
+
+/// A string literal with `ensure_ascii=True`.
+pub fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+        }
+    }
+    out.push('"');
+}
+
+/// Python's `repr(float)`: the shortest digits that round-trip, fixed notation when the
+/// decimal exponent is in -4..16, else `1e+16` style; `.0` added to integral values.
+pub fn float_repr(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+    }
+    if f == 0.0 {
+        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits: "-1.2345e-7".
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (neg, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let mut out = String::new();
+    if neg {
+        out.push('-');
+    }
+    if (-4..16).contains(&exp) {
+        let point = exp + 1; // digits before the decimal point
+        if point <= 0 {
+            out.push_str("0.");
+            for _ in 0..(-point) {
+                out.push('0');
+            }
+            out.push_str(&digits);
+        } else {
+            let point = point as usize;
+            if digits.len() <= point {
+                out.push_str(&digits);
+                for _ in digits.len()..point {
+                    out.push('0');
+                }
+                out.push_str(".0");
+            } else {
+                out.push_str(&digits[..point]);
+                out.push('.');
+                out.push_str(&digits[point..]);
+            }
+        }
+    } else {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        let _ = write!(out, "e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn floats_as_python_repr() {
+        for (f, s) in [
+            (1700000000.5, "1700000000.5"),
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (-2.5e-10, "-2.5e-10"),
+            (123456789.123, "123456789.123"),
+            (1.5e300, "1.5e+300"),
+        ] {
+            assert_eq!(float_repr(f), s, "{f}");
+        }
+    }
+
+    #[test]
+    fn entry_as_reference_client_writes_it() {
+        // The fixture entry-a.json, written by json.dumps in insertion order.
+        let v = json!({"sha512": "af06", "url": "https://example.com/hello.txt", "file": "hello.txt"});
+        assert_eq!(
+            dumps(&v),
+            r#"{"sha512": "af06", "url": "https://example.com/hello.txt", "file": "hello.txt"}"#
+        );
+    }
+
+    #[test]
+    fn ensure_ascii_and_escapes() {
+        let v = json!(["é", "\u{1F600}", "a\"b\\c\n\t\u{1}\u{7f}", 3, -4, true, null, [], {}]);
+        assert_eq!(
+            dumps(&v),
+            r#"["\u00e9", "\ud83d\ude00", "a\"b\\c\n\t\u0001\u007f", 3, -4, true, null, [], {}]"#
+        );
+    }
+
+    #[test]
+    fn indented_and_sorted_like_download_list() {
+        let v = json!([{"b": 1, "a": [1, 2]}]);
+        let s = dumps_with(&v, Style { indent: Some(2), sort_keys: true });
+        assert_eq!(s, "[\n  {\n    \"a\": [\n      1,\n      2\n    ],\n    \"b\": 1\n  }\n]");
+    }
+}
