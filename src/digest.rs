@@ -146,13 +146,6 @@ impl HashingFile {
         Ok(())
     }
 
-    /// Feeds bytes already written to the file by other means (e.g. `copy_file_range`).
-    /// Private to the crate so only code that wrote exactly these bytes can call it.
-    pub(crate) fn account(&mut self, data: &[u8]) {
-        self.hasher.update(data);
-        self.len += data.len() as u64;
-    }
-
     /// Bytes written so far (where a resumed download continues from).
     pub fn len(&self) -> u64 {
         self.len
@@ -170,11 +163,6 @@ impl HashingFile {
         self.hasher = Sha512Hasher::new();
         self.len = 0;
         Ok(())
-    }
-
-    /// The file being written (for `copy_file_range` style writers).
-    pub(crate) fn file(&mut self) -> &mut File {
-        &mut self.file
     }
 
     /// Ends writing: flushes to disk and returns the digest of what was written.
@@ -309,7 +297,10 @@ mod tests {
         assert!(Sha512::parse(&HELLO[..127]).is_err());
         assert!(Sha512::parse(&format!("{HELLO}0")).is_err());
         assert!(Sha512::parse("../../etc/passwd").is_err());
-        assert_eq!(Sha512::parse_any_case(&HELLO.to_uppercase()).unwrap().hex(), HELLO);
+        assert_eq!(
+            Sha512::parse_any_case(&HELLO.to_uppercase()).unwrap().hex(),
+            HELLO
+        );
     }
 
     #[test]

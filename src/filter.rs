@@ -69,8 +69,8 @@ impl Criterion {
             .find(|(s, _)| rest.starts_with(s));
             if let Some((sym, op)) = found {
                 let raw = &rest[sym.len()..];
-                let value = parse_py_json(raw)
-                    .map_err(|e| FilterError::BadValue(text.to_string(), e))?;
+                let value =
+                    parse_py_json(raw).map_err(|e| FilterError::BadValue(text.to_string(), e))?;
                 return Ok(Criterion {
                     key: text[..i].to_string(),
                     op,
@@ -207,7 +207,10 @@ mod tests {
     }
 
     fn run(criteria: &[&str], entries: &[Map<String, Value>]) -> Vec<Value> {
-        let cs: Vec<Criterion> = criteria.iter().map(|c| Criterion::parse(c).unwrap()).collect();
+        let cs: Vec<Criterion> = criteria
+            .iter()
+            .map(|c| Criterion::parse(c).unwrap())
+            .collect();
         apply(&cs, entries.iter().collect())
             .into_iter()
             .map(|m| m.get("id").cloned().unwrap_or(Value::Null))
@@ -224,13 +227,22 @@ mod tests {
         let c = Criterion::parse("k<1").unwrap();
         assert_eq!(c.op, Op::Lt);
         // `a==b<3` splits at `==`, and `b<3` is not JSON.
-        assert!(matches!(Criterion::parse("a==b<3"), Err(FilterError::BadValue(..))));
+        assert!(matches!(
+            Criterion::parse("a==b<3"),
+            Err(FilterError::BadValue(..))
+        ));
     }
 
     #[test]
     fn parse_errors_are_clear() {
-        assert!(matches!(Criterion::parse("novalue"), Err(FilterError::NoOperator(_))));
-        assert!(matches!(Criterion::parse("os==linux"), Err(FilterError::BadValue(..))));
+        assert!(matches!(
+            Criterion::parse("novalue"),
+            Err(FilterError::NoOperator(_))
+        ));
+        assert!(matches!(
+            Criterion::parse("os==linux"),
+            Err(FilterError::BadValue(..))
+        ));
         assert!(Criterion::parse("os==\"linux\"").is_ok());
         assert!(Criterion::parse("v<<Infinity").is_ok());
     }

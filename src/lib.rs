@@ -4,9 +4,17 @@
 //! remote`. The embedded server shares only the wire types, the digest and the signature
 //! code with the client side. See `ARCHITECTURE.md` for the module map.
 
+pub mod cache;
+pub mod cli;
+pub mod client;
+pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod digest;
 pub mod filter;
+pub mod fs;
+pub mod mount;
+pub mod naming;
 pub mod pyjson;
 pub mod remote;
 pub mod server;

@@ -125,10 +125,18 @@ pub fn float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // Rust's `{:e}` gives the shortest round-trip digits: "-1.2345e-7".
     let sci = format!("{f:e}");
@@ -202,7 +210,8 @@ mod tests {
     #[test]
     fn entry_as_reference_client_writes_it() {
         // The fixture entry-a.json, written by json.dumps in insertion order.
-        let v = json!({"sha512": "af06", "url": "https://example.com/hello.txt", "file": "hello.txt"});
+        let v =
+            json!({"sha512": "af06", "url": "https://example.com/hello.txt", "file": "hello.txt"});
         assert_eq!(
             dumps(&v),
             r#"{"sha512": "af06", "url": "https://example.com/hello.txt", "file": "hello.txt"}"#
@@ -211,7 +220,17 @@ mod tests {
 
     #[test]
     fn ensure_ascii_and_escapes() {
-        let v = json!(["é", "\u{1F600}", "a\"b\\c\n\t\u{1}\u{7f}", 3, -4, true, null, [], {}]);
+        let v = json!([
+            "é",
+            "\u{1F600}",
+            "a\"b\\c\n\t\u{1}\u{7f}",
+            3,
+            -4,
+            true,
+            null,
+            [],
+            {}
+        ]);
         assert_eq!(
             dumps(&v),
             r#"["\u00e9", "\ud83d\ude00", "a\"b\\c\n\t\u0001\u007f", 3, -4, true, null, [], {}]"#
@@ -221,7 +240,16 @@ mod tests {
     #[test]
     fn indented_and_sorted_like_download_list() {
         let v = json!([{"b": 1, "a": [1, 2]}]);
-        let s = dumps_with(&v, Style { indent: Some(2), sort_keys: true });
-        assert_eq!(s, "[\n  {\n    \"a\": [\n      1,\n      2\n    ],\n    \"b\": 1\n  }\n]");
+        let s = dumps_with(
+            &v,
+            Style {
+                indent: Some(2),
+                sort_keys: true,
+            },
+        );
+        assert_eq!(
+            s,
+            "[\n  {\n    \"a\": [\n      1,\n      2\n    ],\n    \"b\": 1\n  }\n]"
+        );
     }
 }

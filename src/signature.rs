@@ -3,8 +3,18 @@
 //! certificates; dates, issuers and chains are deliberately ignored (production
 //! certificates are self-signed RSA-1024, SHA-1 signed, some expired).
 //!
-//! STUB: interface fixed, implementation pending (see the helper brief).
+//! This module owns signing keys, the trusted-certificate list and key generation. The
+//! certificate parsing and the self-signed certificate builder live in `signature/cert.rs`.
 
+mod cert;
+#[cfg(test)]
+mod tests;
+
+use base64::Engine as _;
+use rsa::pkcs1::DecodeRsaPrivateKey;
+use rsa::pkcs8::DecodePrivateKey;
+use rsa::Pkcs1v15Sign;
+use sha1::{Digest, Sha1};
 use std::path::Path;
 
 /// One trusted certificate, reduced to what verification needs.
@@ -42,12 +52,35 @@ pub enum SignatureError {
     Keygen(String),
 }
 
+impl TrustedCert {
+    /// Parses every certificate of one PEM text (usually exactly one). An error describes
+    /// why nothing usable was found; a certificate that parses only leniently is accepted
+    /// and described in the returned notes.
+    pub fn parse_pem(pem: &str) -> Result<(Vec<TrustedCert>, Vec<String>), String> {
+        cert::parse_pem(pem)
+    }
+}
+
 impl Verifier {
     /// Parses PEM certificates; each one that does not parse (or holds no RSA key) is
     /// skipped and described in the returned warnings.
     pub fn from_pems(pems: &[String]) -> (Verifier, Vec<String>) {
-        let _ = pems;
-        todo!("signature::Verifier::from_pems")
+        let mut verifier = Verifier::default();
+        let mut warnings = Vec::new();
+        for (i, pem) in pems.iter().enumerate() {
+            match cert::parse_pem(pem) {
+                Ok((certs, notes)) => {
+                    warnings.extend(
+                        notes
+                            .into_iter()
+                            .map(|n| format!("trusted certificate #{}: {n}", i + 1)),
+                    );
+                    verifier.certs.extend(certs);
+                }
+                Err(e) => warnings.push(format!("trusted certificate #{} skipped: {e}", i + 1)),
+            }
+        }
+        (verifier, warnings)
     }
 
     /// True when no certificate is configured (the unverified view).
@@ -58,8 +91,17 @@ impl Verifier {
     /// The first certificate whose key verifies `signature_b64` over `inner`'s UTF-8
     /// bytes; `None` for an empty, malformed or non-matching signature.
     pub fn verify(&self, inner: &str, signature_b64: &str) -> Option<&TrustedCert> {
-        let _ = (inner, signature_b64);
-        todo!("signature::Verifier::verify")
+        if self.certs.is_empty() {
+            return None;
+        }
+        let signature = decode_signature(signature_b64)?;
+        // Hash once; each certificate then costs one cheap public-key operation.
+        let hashed = Sha1::digest(inner.as_bytes());
+        self.certs.iter().find(|c| {
+            c.public_key
+                .verify(Pkcs1v15Sign::new::<Sha1>(), &hashed, &signature)
+                .is_ok()
+        })
     }
 
     /// True when one of the certificates holds this public key.
@@ -68,33 +110,101 @@ impl Verifier {
     }
 }
 
+/// Decodes a wire signature. Whitespace is dropped first because older tooling wrapped
+/// base64 output in lines and Python's decoder ignores the line breaks; anything else
+/// that is not canonical standard base64 makes the entry unverified.
+fn decode_signature(signature_b64: &str) -> Option<Vec<u8>> {
+    let compact: String = signature_b64
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    if compact.is_empty() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .ok()?;
+    (!bytes.is_empty()).then_some(bytes)
+}
+
 impl Signer {
     /// Loads a PEM key file.
     pub fn load(path: &Path) -> Result<Signer, SignatureError> {
-        let _ = path;
-        todo!("signature::Signer::load")
+        let label = path.display().to_string();
+        let text = std::fs::read(path).map_err(|source| SignatureError::Read {
+            path: label.clone(),
+            source,
+        })?;
+        let text = String::from_utf8(text).map_err(|_| SignatureError::BadKey(label.clone()))?;
+        Signer::from_pem(&text, &label)
     }
 
-    /// Parses PEM text (`label` is used in messages).
+    /// Parses PEM text (`label` is used in messages). The first private-key block counts;
+    /// other blocks (a certificate kept in the same file, comments) are ignored.
     pub fn from_pem(pem: &str, label: &str) -> Result<Signer, SignatureError> {
-        let _ = (pem, label);
-        todo!("signature::Signer::from_pem")
+        let bad = || SignatureError::BadKey(label.to_string());
+        let mut rest = pem.as_bytes();
+        // Bounded: every iteration consumes at least one PEM section of `rest`.
+        loop {
+            let (item, remainder) = match rustls_pemfile::read_one_from_slice(rest) {
+                Ok(Some(found)) => found,
+                Ok(None) | Err(_) => return Err(bad()),
+            };
+            let key = match item {
+                rustls_pemfile::Item::Pkcs1Key(der) => {
+                    rsa::RsaPrivateKey::from_pkcs1_der(der.secret_pkcs1_der()).map_err(|_| bad())?
+                }
+                rustls_pemfile::Item::Pkcs8Key(der) => {
+                    rsa::RsaPrivateKey::from_pkcs8_der(der.secret_pkcs8_der()).map_err(|_| bad())?
+                }
+                rustls_pemfile::Item::Sec1Key(_) => return Err(bad()),
+                _ => {
+                    rest = remainder;
+                    continue;
+                }
+            };
+            return Ok(Signer { key });
+        }
     }
 
     /// Base64 of the RSA PKCS#1 v1.5 / SHA-1 signature of `inner`'s bytes.
     pub fn sign(&self, inner: &str) -> String {
-        let _ = inner;
-        todo!("signature::Signer::sign")
+        let hashed = Sha1::digest(inner.as_bytes());
+        // The random source only blinds the private-key operation against timing
+        // attacks; PKCS#1 v1.5 output stays deterministic.
+        let signed =
+            self.key
+                .sign_with_rng(&mut rand::rngs::OsRng, Pkcs1v15Sign::new::<Sha1>(), &hashed);
+        match signed {
+            Ok(bytes) => base64::engine::general_purpose::STANDARD.encode(bytes),
+            // Only reachable for a key too small to hold a SHA-1 DigestInfo (< 368 bits),
+            // which from_pem's key validation and any real key rule out. An empty
+            // signature means "unsigned", which readers then refuse: safe, not silent
+            // corruption.
+            Err(e) => {
+                tracing::error!("cannot sign entry: {e}");
+                String::new()
+            }
+        }
     }
 
     pub fn public_key(&self) -> rsa::RsaPublicKey {
         rsa::RsaPublicKey::from(&self.key)
+    }
+
+    /// Refuses a key whose public half is in none of the trusted certificates, as the
+    /// reference client does: entries it signs could never be downloaded.
+    pub fn check_trusted(&self, verifier: &Verifier, label: &str) -> Result<(), SignatureError> {
+        if verifier.trusts(&self.public_key()) {
+            Ok(())
+        } else {
+            Err(SignatureError::NoMatchingCertificate(label.to_string()))
+        }
     }
 }
 
 /// A new RSA key (PKCS#8 PEM) and a self-signed certificate (PEM) for `common_name`,
 /// valid 100 years.
 pub fn generate(bits: usize, common_name: &str) -> Result<(String, String), SignatureError> {
-    let _ = (bits, common_name);
-    todo!("signature::generate")
+    cert::generate(bits, common_name)
 }

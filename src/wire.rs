@@ -223,18 +223,25 @@ mod tests {
         assert_eq!(l.entries.len(), 2);
         assert_eq!(l.rejected.len(), 3);
         assert_eq!(parse_listing(b"{}").unwrap_err(), WireError::NotArray);
-        assert!(matches!(parse_listing(b"\xff\xfe"), Err(WireError::NotJson(_))));
+        assert!(matches!(
+            parse_listing(b"\xff\xfe"),
+            Err(WireError::NotJson(_))
+        ));
     }
 
     #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
         let body = "[".repeat(100_000) + &"]".repeat(100_000);
-        assert!(matches!(parse_listing(body.as_bytes()), Err(WireError::NotJson(_))));
+        assert!(matches!(
+            parse_listing(body.as_bytes()),
+            Err(WireError::NotJson(_))
+        ));
     }
 
     #[test]
     fn entry_info_checks_sha512() {
-        let ok = EntryInfo::parse(&format!(r#"{{"sha512": "{HELLO}", "timestamp": 1.5}}"#)).unwrap();
+        let ok =
+            EntryInfo::parse(&format!(r#"{{"sha512": "{HELLO}", "timestamp": 1.5}}"#)).unwrap();
         assert_eq!(ok.sha512.hex(), HELLO);
         assert_eq!(ok.timestamp(), Some(1.5));
         for bad in [
@@ -264,7 +271,10 @@ mod tests {
 
     #[test]
     fn put_body_round_trips() {
-        let e = RawEntry { inner: "{\"a\": \"é\"}".into(), signature: "c2ln".into() };
+        let e = RawEntry {
+            inner: "{\"a\": \"é\"}".into(),
+            signature: "c2ln".into(),
+        };
         let body = e.to_put_body();
         assert_eq!(body, r#"["{\"a\": \"\u00e9\"}", "c2ln"]"#);
         assert_eq!(parse_put_body(body.as_bytes()).unwrap(), e);

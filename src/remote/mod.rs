@@ -2,12 +2,40 @@
 //! protocol's status-code rules, resume with `Range`, bounded retries with backoff,
 //! connect and low-speed timeouts, and errors that name the URL (never its password).
 //!
-//! STUB: interface fixed, implementation pending (see the helper brief).
+//! Files: `http.rs` (credentials, redaction, status rules, retries), `tls.rs` (rustls
+//! set-up), `proxy.rs` (proxies from the environment), `dir.rs` (shadir GET/PUT),
+//! `probe.rs` (HEAD and its ranged-GET fallback), `fetch.rs` (resumable download),
+//! `upload.rs` (streamed POST).
+//!
+//! Semantics every call shares:
+//! - Redirects are never followed. A 3xx, 401, 403 or 407 is [`RemoteError::Refused`].
+//! - Only 404 means "absent"; every other failure is an error.
+//! - Transient failures (connection errors, timeouts, 5xx other than 501/505, 408, 429)
+//!   are retried up to `limits.attempts` times with exponential backoff from
+//!   `limits.backoff` (capped at 30 s); nothing else is retried.
+//! - Every connection has `limits.connect_timeout`. Small requests (shadir GET/PUT, HEAD,
+//!   the head of a ranged probe) have the whole-request deadline `limits.request_timeout`.
+//!   Blob transfers have no total deadline but fail when no byte moves for
+//!   `limits.low_speed_timeout`; the answer to an upload is awaited for
+//!   `limits.upload_answer_timeout` once the body is sent.
+//! - `user:password@` in a base URL is sent as HTTP Basic and shown nowhere.
+
+mod dir;
+mod fetch;
+mod http;
+mod probe;
+mod proxy;
+mod tls;
+mod upload;
+
+pub use http::redact_url;
 
 use crate::config::TlsFiles;
 use crate::digest::{Sha512, VerifiedFile};
 use crate::wire::{Listing, RawEntry};
+use http::Endpoint;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where the services are, and how to reach them.
@@ -120,43 +148,122 @@ pub enum RemoteError {
     Tls(String),
 }
 
-/// The client. Cheap to clone (one shared connection pool).
+/// The client. Cheap to clone (one shared connection pool per service).
 #[derive(Clone)]
 pub struct Remote {
-    _private: (),
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// shacache connections (its own TLS files).
+    cache_client: reqwest::Client,
+    /// shadir connections (its own TLS files).
+    dir_client: reqwest::Client,
+    download_cache: Option<Endpoint>,
+    download_dir: Option<Endpoint>,
+    upload_cache: Option<Endpoint>,
+    upload_dir: Option<Endpoint>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = &self.inner;
+        f.debug_struct("Remote")
+            .field("download_cache", &i.download_cache)
+            .field("download_dir", &i.download_dir)
+            .field("upload_cache", &i.upload_cache)
+            .field("upload_dir", &i.upload_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Remote {
     /// Builds the client (loads TLS files, proxies from the environment).
+    ///
+    /// This is the one place outside `config` that reads environment variables:
+    /// `http_proxy`, `https_proxy`, `no_proxy` (lower case first, then upper case), as
+    /// every HTTP tool does. See [`Remote::new_with_env`].
     pub fn new(cfg: RemoteConfig) -> Result<Remote, RemoteError> {
-        let _ = cfg;
-        todo!("remote::Remote::new")
+        Self::new_with_env(cfg, |name| std::env::var(name).ok())
     }
 
+    /// [`Remote::new`] with the proxy variables looked up through `env` instead of the
+    /// process environment (tests, or a caller that wants no proxy: `|_| None`).
+    ///
+    /// Loopback hosts (`localhost`, `127.0.0.0/8`, `::1`) never go through a proxy.
+    pub fn new_with_env(
+        cfg: RemoteConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Remote, RemoteError> {
+        let parse = |u: &Option<String>| u.as_deref().map(Endpoint::parse).transpose();
+        let download_cache = parse(&cfg.download_cache_url)?;
+        let download_dir = parse(&cfg.download_dir_url)?;
+        let upload_cache = parse(&cfg.upload_cache_url)?;
+        let upload_dir = parse(&cfg.upload_dir_url)?;
+        let proxies = proxy::from_env(&env)?;
+
+        let https = |a: &Option<Endpoint>, b: &Option<Endpoint>| {
+            [a, b].iter().any(|e| e.as_ref().is_some_and(Endpoint::is_https))
+        };
+        let cache_client = build_client(
+            "shacache",
+            &cfg.shacache_tls,
+            https(&download_cache, &upload_cache),
+            &cfg.limits,
+            &proxies,
+        )?;
+        let dir_client = build_client(
+            "shadir",
+            &cfg.shadir_tls,
+            https(&download_dir, &upload_dir),
+            &cfg.limits,
+            &proxies,
+        )?;
+        Ok(Remote {
+            inner: Arc::new(Inner {
+                cache_client,
+                dir_client,
+                download_cache,
+                download_dir,
+                upload_cache,
+                upload_dir,
+                limits: cfg.limits,
+            }),
+        })
+    }
+
+    /// Both download URLs are configured.
     pub fn can_download(&self) -> bool {
-        todo!()
+        self.inner.download_cache.is_some() && self.inner.download_dir.is_some()
     }
 
+    /// Both upload URLs are configured.
     pub fn can_upload(&self) -> bool {
-        todo!()
+        self.inner.upload_cache.is_some() && self.inner.upload_dir.is_some()
     }
 
-    /// `GET {download-dir-url}/{key}`.
+    /// The limits this client was built with.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// `GET {download-dir-url}/{key}`: 404 is [`DirListing::Missing`], 200 a listing
+    /// (the body is bounded by `limits.max_dir_body`).
     pub async fn get_dir(&self, key: &str) -> Result<DirListing, RemoteError> {
-        let _ = key;
-        todo!("remote::Remote::get_dir")
+        dir::get(self, key).await
     }
 
-    /// `PUT {upload-dir-url}/{key}` with `[inner, signature]`; 201 required.
+    /// `PUT {upload-dir-url}/{key}` with `[inner, signature]`; exactly 201 is success
+    /// (a 200 is a protocol error: no known server answers it, so it cannot be trusted
+    /// to mean "stored").
     pub async fn put_dir(&self, key: &str, entry: &RawEntry) -> Result<(), RemoteError> {
-        let _ = (key, entry);
-        todo!("remote::Remote::put_dir")
+        dir::put(self, key, entry).await
     }
 
     /// Existence and size of a blob: HEAD, else a ranged GET (see [`Probe`]).
     pub async fn probe_blob(&self, sha: &Sha512, tmp_dir: &Path) -> Result<Probe, RemoteError> {
-        let _ = (sha, tmp_dir);
-        todo!("remote::Remote::probe_blob")
+        probe::probe(self, sha, tmp_dir).await
     }
 
     /// Downloads a blob into a temporary file in `tmp_dir`, hashing as it goes, resuming
@@ -167,8 +274,7 @@ impl Remote {
         tmp_dir: &Path,
         progress: Progress<'_>,
     ) -> Result<VerifiedFile, RemoteError> {
-        let _ = (sha, tmp_dir, progress);
-        todo!("remote::Remote::fetch_blob")
+        fetch::fetch(self, sha, tmp_dir, progress).await
     }
 
     /// `POST {upload-cache-url}` streaming the file; 201 with the echoed hash required.
@@ -178,7 +284,38 @@ impl Remote {
         sha: &Sha512,
         progress: Progress<'_>,
     ) -> Result<(), RemoteError> {
-        let _ = (path, sha, progress);
-        todo!("remote::Remote::post_blob")
+        upload::post(self, path, sha, progress).await
     }
+
+    fn endpoint<'a>(
+        e: &'a Option<Endpoint>,
+        option: &'static str,
+    ) -> Result<&'a Endpoint, RemoteError> {
+        e.as_ref().ok_or(RemoteError::NotConfigured(option))
+    }
+}
+
+/// One connection pool for one service. Redirects are off: a 302 is the production
+/// server's way to refuse an upload, and following it would hide that.
+fn build_client(
+    service: &str,
+    tls_files: &TlsFiles,
+    needs_roots: bool,
+    limits: &Limits,
+    proxies: &[reqwest::Proxy],
+) -> Result<reqwest::Client, RemoteError> {
+    let tls = tls::client_config(service, tls_files, needs_roots)?;
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(limits.connect_timeout)
+        .user_agent(concat!("shacachefs/", env!("CARGO_PKG_VERSION")))
+        .http2_adaptive_window(true)
+        .no_proxy();
+    for p in proxies {
+        builder = builder.proxy(p.clone());
+    }
+    builder
+        .tls_backend_preconfigured(tls)
+        .build()
+        .map_err(|e| RemoteError::Tls(format!("{service}: building the HTTP client: {e}")))
 }

@@ -1,0 +1,301 @@
+//! The local cache directory: verified blobs with LRU eviction, and the small persisted
+//! tables the mount needs (blob sizes, known keys, first-seen times, shadir answers).
+//!
+//! On-disk layout (`DIR` is [`CacheOptions::dir`]):
+//!
+//! ```text
+//! DIR/layout                  "1": the layout version; another value refuses to open
+//! DIR/v1/open.lock            flock: shared by every process using the cache
+//! DIR/v1/blobs/<2 hex>/<128 hex>   verified blobs, named by SHA-512
+//! DIR/v1/tmp/                 temporary files (downloads, table rewrites)
+//! DIR/v1/sizes.json           {"<sha hex>": size}, global: blobs are named by content
+//! DIR/v1/ns/<32 hex>/         per namespace (first 32 hex of SHA-512 of its text):
+//!     namespace               the namespace text, for humans
+//!     keys.json               ["key", ...] known keys, insertion order
+//!     seen.json               {"key": {"<sha hex>": unix seconds}} first-seen times
+//!     dirs/<32 hex>.json      the last shadir answer for a key (see `tables`)
+//! ```
+//!
+//! This module owns `blobs/`, `tmp/`, `ns/`, `sizes.json` and `open.lock`, and nothing
+//! else: the upload outbox (a sibling module, in its own directory) is never read,
+//! cleaned or evicted from here, and no clean-up anywhere removes an entry named `outbox`.
+//!
+//! Leftovers in `tmp/` are deleted at open by a process that finds itself alone (an
+//! exclusive `flock` on `open.lock`); with other processes running, only entries older
+//! than a day are, since a live download of another process may be there.
+
+mod blobs;
+mod disk;
+mod index;
+mod tables;
+
+#[cfg(test)]
+mod tests;
+
+use crate::digest::{Sha512, VerifiedFile};
+use blobs::BlobStore;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tables::Tables;
+
+/// The layout version this code reads and writes (`DIR/layout`).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Where and how big.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// The cache directory (created if missing).
+    pub dir: PathBuf,
+    /// Blob bytes kept before least-recently-used closed blobs are evicted.
+    pub max_bytes: u64,
+    /// Separates the tables of different shadir servers sharing one cache directory
+    /// (the download-dir-url, or `embedded:<store>`). Blobs are shared: they are named
+    /// by content.
+    pub namespace: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cache {path}: layout version {found} is not supported (expected {expected})")]
+    Version {
+        path: PathBuf,
+        found: String,
+        expected: u32,
+    },
+    #[error("no space left in the cache for {needed} bytes")]
+    NoSpace { needed: u64 },
+}
+
+/// Keeps a blob from being evicted while it is open. Dropping it unpins the blob (and
+/// evicts it at once when the cache is over its limit and the blob is the LRU victim).
+/// Several pins of one blob are counted.
+pub struct BlobPin {
+    store: Arc<BlobStore>,
+    sha: Sha512,
+    generation: u64,
+}
+
+impl BlobPin {
+    /// The pinned blob.
+    pub fn sha(&self) -> Sha512 {
+        self.sha
+    }
+}
+
+impl std::fmt::Debug for BlobPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobPin").field("sha", &self.sha).finish()
+    }
+}
+
+/// The result of `fsck`.
+#[derive(Debug, Default, Clone)]
+pub struct FsckReport {
+    /// Blob files hashed.
+    pub checked: usize,
+    /// Blobs whose bytes did not match their name (or could not be read), removed.
+    pub removed: Vec<Sha512>,
+    /// Bytes hashed.
+    pub bytes: u64,
+    /// Blobs found wrong but left in place because this process has them open.
+    pub pinned: Vec<Sha512>,
+}
+
+/// The cache. All methods take `&self` (internal locking) and may block on disk I/O.
+pub struct Cache {
+    dir: PathBuf,
+    tmp: PathBuf,
+    blobs: Arc<BlobStore>,
+    tables: Tables,
+    // Dropped last: other processes may clean `tmp/` only once nobody holds it.
+    _lock: disk::OpenLock,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks `DIR/layout`, writing it when missing.
+fn check_layout(dir: &Path) -> Result<(), CacheError> {
+    let path = dir.join("layout");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim() == LAYOUT_VERSION.to_string() => Ok(()),
+        Ok(text) => Err(CacheError::Version {
+            path,
+            found: text.trim().chars().take(40).collect(),
+            expected: LAYOUT_VERSION,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let body = format!("{LAYOUT_VERSION}\n");
+            disk::write_atomic(dir, &path, body.as_bytes()).map_err(io_err(&path))
+        }
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// Creates the namespace directory and its `namespace` file.
+fn namespace_dir(v1: &Path, tmp: &Path, namespace: &str) -> Result<PathBuf, CacheError> {
+    let ns_dir = v1
+        .join("ns")
+        .join(Sha512::of(namespace.as_bytes()).short(32));
+    let dirs = ns_dir.join("dirs");
+    std::fs::create_dir_all(&dirs).map_err(io_err(&dirs))?;
+    let text_path = ns_dir.join("namespace");
+    match std::fs::read_to_string(&text_path) {
+        Ok(t) if t == namespace => {}
+        Ok(t) => tracing::warn!(
+            path = %text_path.display(),
+            found = %t,
+            wanted = %namespace,
+            "namespace directory names another namespace (hash prefix collision?)"
+        ),
+        Err(_) => {
+            disk::write_atomic(tmp, &text_path, namespace.as_bytes()).map_err(io_err(&text_path))?
+        }
+    }
+    Ok(ns_dir)
+}
+
+impl Cache {
+    /// Opens (creating) the cache directory: checks the layout version, removes crash
+    /// leftovers, scans the blobs and loads the tables.
+    pub fn open(opts: CacheOptions) -> Result<Arc<Cache>, CacheError> {
+        let dir = opts.dir;
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        check_layout(&dir)?;
+        let v1 = dir.join(format!("v{LAYOUT_VERSION}"));
+        let tmp = v1.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let lock_path = v1.join("open.lock");
+        let mut lock = disk::OpenLock::acquire(&lock_path).map_err(io_err(&lock_path))?;
+        disk::clean_tmp(&tmp, lock.alone);
+        lock.share();
+        let ns_dir = namespace_dir(&v1, &tmp, &opts.namespace)?;
+        let blobs = BlobStore::open(v1.join("blobs"), v1.clone(), opts.max_bytes)?;
+        let tables = Tables::load(&v1, &ns_dir, &tmp);
+        Ok(Arc::new(Cache {
+            dir,
+            tmp,
+            blobs: Arc::new(blobs),
+            tables,
+            _lock: lock,
+        }))
+    }
+
+    /// The cache directory given at open.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Directory for temporary files (same filesystem as the blobs).
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Where a blob lives (present or not); for logs and `status`.
+    pub fn blob_path(&self, sha: &Sha512) -> PathBuf {
+        self.blobs.path_of(sha)
+    }
+
+    /// The size of a cached blob, if present (and marks it recently used). A file of
+    /// the wrong length is removed and is a miss.
+    pub fn lookup_blob(&self, sha: &Sha512) -> Option<u64> {
+        self.blobs.lookup(sha, self.tables.size_of(sha))
+    }
+
+    /// Moves a verified download into the cache; returns its size. The new blob is not
+    /// evicted by this call even when larger than the limit (the caller opens it next).
+    pub fn insert_blob(&self, file: VerifiedFile) -> Result<u64, CacheError> {
+        let sha = file.sha();
+        let len = self.blobs.insert(file)?;
+        self.tables.record_size(&sha, len);
+        Ok(len)
+    }
+
+    /// [`Cache::insert_blob`] then [`Cache::open_blob`], for a caller that reads what it
+    /// just downloaded. `None` only if another process removed the blob in between.
+    pub fn insert_and_open(
+        &self,
+        file: VerifiedFile,
+    ) -> Result<Option<(File, u64, BlobPin)>, CacheError> {
+        let sha = file.sha();
+        self.insert_blob(file)?;
+        self.open_blob(&sha)
+    }
+
+    /// Opens a cached blob for reading and pins it; `None` when absent (or unreadable,
+    /// which removes it).
+    pub fn open_blob(&self, sha: &Sha512) -> Result<Option<(File, u64, BlobPin)>, CacheError> {
+        self.blobs.open_blob(sha, self.tables.size_of(sha))
+    }
+
+    /// Removes a blob (found wrong or unreadable).
+    pub fn remove_blob(&self, sha: &Sha512) {
+        self.blobs.remove(sha)
+    }
+
+    /// Makes room for a download of `bytes` by evicting closed blobs; `NoSpace` when the
+    /// filesystem cannot hold it even then.
+    pub fn reserve(&self, bytes: u64) -> Result<(), CacheError> {
+        self.blobs.reserve(bytes)
+    }
+
+    /// (bytes used by blobs, limit, number of blobs)
+    pub fn usage(&self) -> (u64, u64, usize) {
+        self.blobs.usage()
+    }
+
+    /// Re-hashes every blob and removes the ones that do not match their name.
+    pub fn fsck(&self) -> Result<FsckReport, CacheError> {
+        self.blobs.fsck()
+    }
+
+    pub fn size_of(&self, sha: &Sha512) -> Option<u64> {
+        self.tables.size_of(sha)
+    }
+
+    pub fn record_size(&self, sha: &Sha512, size: u64) {
+        self.tables.record_size(sha, size)
+    }
+
+    pub fn known_keys(&self) -> Vec<String> {
+        self.tables.known_keys()
+    }
+
+    /// Adds a key to the known keys (saved at once).
+    pub fn add_known_key(&self, key: &str) {
+        self.tables.add_known_key(key)
+    }
+
+    /// When this machine first saw `sha` under `key` (recorded now if never).
+    pub fn first_seen(&self, key: &str, sha: &Sha512) -> SystemTime {
+        self.tables.first_seen(key, sha)
+    }
+
+    /// The last shadir answer stored for `key`: when it was fetched, and the body
+    /// (`None` for a 404).
+    pub fn dir_answer(&self, key: &str) -> Option<(SystemTime, Option<Vec<u8>>)> {
+        self.tables.dir_answer(key)
+    }
+
+    /// Stores a shadir answer for `key` (`None` for a 404), fetched now; saved at once.
+    pub fn store_dir_answer(&self, key: &str, body: Option<&[u8]>) {
+        self.tables.store_dir_answer(key, body)
+    }
+
+    /// Writes the in-memory tables to disk (atomically). Also done at most a minute
+    /// after a change, and when the cache is dropped.
+    pub fn flush(&self) -> Result<(), CacheError> {
+        self.tables.flush()
+    }
+}

@@ -1,0 +1,239 @@
+//! Command-line definitions (clap) and nothing else: each subcommand's arguments become
+//! a plain struct that `commands` takes.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// A SlapOS network cache (shacache + shadir) as a filesystem, and the
+/// networkcache-upload / networkcache-download jobs as commands.
+#[derive(Debug, Parser)]
+#[command(name = "shacachefs", version, propagate_version = true)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount the cache: shadir keys as directories, entries as lazily fetched files.
+    #[command(
+        after_help = "Examples:\n  shacachefs mount /mnt/shacache                 # reads /etc/opt/slapcache.cfg\n  \
+        ls /mnt/shacache/slapos-global-key/\n  \
+        cp /mnt/shacache/slapos-global-key/latest ./slapos.tar.gz\n  \
+        umount /mnt/shacache\n  \
+        shacachefs mount -c ~/slapos.cfg --key my-key -f /mnt/shacache   # foreground"
+    )]
+    Mount(MountArgs),
+    /// Run a shacache + shadir server over a directory.
+    #[command(
+        after_help = "Example:\n  shacachefs serve --root /srv/shacache --listen 127.0.0.1:8080\n  \
+        # then: download-cache-url = http://127.0.0.1:8080/shacache\n  \
+        #       download-dir-url   = http://127.0.0.1:8080/shadir"
+    )]
+    Serve(ServeArgs),
+    /// Upload a file to shacache and publish a signed shadir entry (networkcache-upload).
+    #[command(
+        after_help = "Examples:\n  shacachefs upload -c /etc/opt/slapcache.cfg -f build.tar.gz -k my-key file=build.tar.gz\n  \
+        shacachefs upload -c slapcache.cfg -f blob.bin            # blob only: prints its SHA-512"
+    )]
+    Upload(UploadArgs),
+    /// Download the first matching entry's blob, verified (networkcache-download).
+    #[command(
+        after_help = "Examples:\n  shacachefs download -c slapcache.cfg -k slapos-global-key -o out.tar.gz\n  \
+        shacachefs download -c slapcache.cfg -k my-key -l 'timestamp>>0'\n  \
+        shacachefs download -c slapcache.cfg -k pkg 'version>=[4,2]' 'version<<Infinity'"
+    )]
+    Download(DownloadArgs),
+    /// List a key's trusted entries.
+    #[command(
+        after_help = "Example:\n  shacachefs ls -c /etc/opt/slapcache.cfg slapos-global-key\n  \
+        shacachefs ls --json -c slapcache.cfg my-key | jq '.[].name'"
+    )]
+    Ls(LsArgs),
+    /// Generate an RSA signing key and a self-signed certificate (generate-signature-key).
+    #[command(
+        after_help = "Example:\n  shacachefs keygen /etc/opt/slapos/signature.key \"$(hostname)\" --cert-file /etc/opt/slapos/signature.crt\n  \
+        # then add the certificate to signature-certificate-list"
+    )]
+    Keygen(KeygenArgs),
+}
+
+/// The configuration file option shared by client commands.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArg {
+    /// Configuration file with a [networkcache] section (default: /etc/opt/slapcache.cfg,
+    /// then /etc/opt/slapos/slapos.cfg).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory holding the store (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Require HTTP Basic USER:PASS for uploads (POST, PUT).
+    #[arg(long, value_name = "USER:PASS")]
+    pub upload_user: Option<String>,
+    /// Serve HTTPS with this certificate (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require a client certificate signed by this CA for uploads.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The shadir key to index the upload under.
+    #[arg(short = 'k', long, conflicts_with = "url")]
+    pub key: Option<String>,
+    /// URL of the data (downloaded unless --file is given); the key defaults to
+    /// file-urlmd5:md5(URL) and the metadata gets url=URL.
+    #[arg(short = 'u', long)]
+    pub url: Option<String>,
+    /// Upload the contents of this file.
+    #[arg(short = 'f', long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// A JSON file holding a dictionary of metadata.
+    #[arg(short = 'm', long, value_name = "FILE")]
+    pub metadata: Option<PathBuf>,
+    /// Extra metadata (values are strings).
+    #[arg(value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The shadir key.
+    #[arg(
+        short = 'k',
+        long,
+        required_unless_present = "url",
+        conflicts_with = "url"
+    )]
+    pub key: Option<String>,
+    /// URL of the data: the key is file-urlmd5:md5(URL).
+    #[arg(short = 'u', long)]
+    pub url: Option<String>,
+    /// List the matching entries (JSON) instead of downloading the first.
+    #[arg(short = 'l', long)]
+    pub list: bool,
+    /// Write the blob to FILE (atomically) instead of standard output.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Filters applied in order: KEY==VALUE, <=, >=, <, >, << (lowest), >> (highest);
+    /// VALUE is JSON (quote strings).
+    #[arg(value_name = "FILTER")]
+    pub filters: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Print a JSON array of {name, sha512, metadata, signer}.
+    #[arg(long)]
+    pub json: bool,
+    /// The shadir key.
+    pub key: String,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the private key (PEM, PKCS#8); never overwritten.
+    pub key_file: PathBuf,
+    /// The certificate's common name.
+    pub common_name: String,
+    /// Where to write the certificate (default: print it).
+    #[arg(long, value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Key size in bits.
+    #[arg(long, default_value_t = 2048)]
+    pub bits: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Cache directory (default: /var/cache/shacachefs for root, else
+    /// $XDG_CACHE_HOME/shacachefs).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Blob bytes kept in the cache before closed blobs are evicted (K, M, G, T suffixes).
+    #[arg(long, default_value = "10G", value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Seconds a key's listing is trusted before shadir is asked again.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub dir_ttl: u64,
+    /// Seconds a key unknown to shadir is not asked again.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub negative_ttl: u64,
+    /// A key to show at the root (repeatable); `[shacache] key` is always shown.
+    #[arg(long = "key", short = 'k', value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// Refuse to mount when no signature-certificate-list is configured.
+    #[arg(long)]
+    pub require_signature: bool,
+    /// Stay in the foreground (otherwise the command returns once the mount is ready).
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// Let other users see the mount (needs user_allow_other in /etc/fuse.conf for
+    /// non-root users).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Mount options, comma separated: ro, allow_other, and every flag above as
+    /// name=value (cache_dir=…, cache_size=…, dir_ttl=…, key=…, require_signature, …).
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Serve cached blobs with pread even where FUSE passthrough is possible.
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// Where the daemon writes its log (default: nowhere once detached).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Set by `-o ro`.
+    #[arg(skip)]
+    pub options_ro: bool,
+}
+
+/// Parses `123`, `10K`, `512M`, `10G`, `1T` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size too large: {s:?}"))
+}

@@ -1,0 +1,255 @@
+//! The network cache client: the HTTP client plus trust. Selects the entries of a key
+//! that the configured certificates verify, and publishes blobs with signed entries.
+//! Commands and the filesystem core use this, never `remote` and `signature` apart.
+
+use crate::config::Config;
+use crate::digest::Sha512;
+use crate::naming::Nameable;
+use crate::remote::{DirListing, Limits, Probe, Progress, Remote, RemoteConfig, RemoteError};
+use crate::signature::{SignatureError, Signer, Verifier};
+use crate::wire::{build_inner, EntryInfo, Listing, RawEntry};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// Who vouches for an entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignedBy {
+    /// The subject of the certificate that verified it.
+    Certificate(String),
+    /// No certificate is configured: nothing was checked.
+    Unverified,
+}
+
+impl SignedBy {
+    /// `user.shadir.signer`: the certificate's subject, or `unverified`.
+    pub fn label(&self) -> &str {
+        match self {
+            SignedBy::Certificate(s) => s,
+            SignedBy::Unverified => "unverified",
+        }
+    }
+}
+
+/// An entry that passed the trust check and whose inner JSON is well formed. Only
+/// [`select_trusted`] makes these.
+#[derive(Debug, Clone)]
+pub struct TrustedEntry {
+    pub raw: RawEntry,
+    pub info: EntryInfo,
+    pub signer: SignedBy,
+}
+
+impl Nameable for TrustedEntry {
+    fn sha512(&self) -> Sha512 {
+        self.info.sha512
+    }
+    fn metadata(&self) -> &Map<String, Value> {
+        &self.info.metadata
+    }
+}
+
+/// An entry left out, and why (logged at debug level by callers).
+#[derive(Debug, Clone)]
+pub struct Hidden {
+    pub reason: String,
+    /// The start of the inner string, for the log.
+    pub excerpt: String,
+}
+
+/// Keeps the entries that a certificate verifies (all, when none is configured) and whose
+/// inner JSON names a valid blob, in the server's order.
+pub fn select_trusted(listing: Listing, verifier: &Verifier) -> (Vec<TrustedEntry>, Vec<Hidden>) {
+    let mut hidden: Vec<Hidden> = listing
+        .rejected
+        .iter()
+        .map(|e| Hidden {
+            reason: e.to_string(),
+            excerpt: String::new(),
+        })
+        .collect();
+    let mut trusted = Vec::new();
+    for raw in listing.entries {
+        let excerpt: String = raw.inner.chars().take(120).collect();
+        let signer = if verifier.is_empty() {
+            SignedBy::Unverified
+        } else {
+            match verifier.verify(&raw.inner, &raw.signature) {
+                Some(cert) => SignedBy::Certificate(cert.subject.clone()),
+                None => {
+                    let reason = if raw.signature.is_empty() {
+                        "unsigned"
+                    } else {
+                        "no trusted certificate verifies its signature"
+                    };
+                    hidden.push(Hidden {
+                        reason: reason.into(),
+                        excerpt,
+                    });
+                    continue;
+                }
+            }
+        };
+        match EntryInfo::parse(&raw.inner) {
+            Ok(info) => trusted.push(TrustedEntry { raw, info, signer }),
+            Err(e) => hidden.push(Hidden {
+                reason: e.to_string(),
+                excerpt,
+            }),
+        }
+    }
+    (trusted, hidden)
+}
+
+/// Why a client could not be set up or could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Remote + trust + signing key.
+#[derive(Clone)]
+pub struct Client {
+    pub remote: Remote,
+    pub verifier: Verifier,
+    pub signer: Option<Signer>,
+    /// Warnings from loading (skipped certificates, …), for the caller to log.
+    pub warnings: Vec<String>,
+}
+
+impl Client {
+    /// Builds the client a configuration describes. Refuses a signing key that no
+    /// trusted certificate matches, as the reference client does (when a download
+    /// directory is configured: otherwise nothing would ever be checked).
+    pub fn from_config(cfg: &Config, limits: Limits) -> Result<Client, ClientError> {
+        let remote = Remote::new(RemoteConfig {
+            download_cache_url: cfg.download_cache_url.clone(),
+            download_dir_url: cfg.download_dir_url.clone(),
+            upload_cache_url: cfg.upload_cache_url.clone(),
+            upload_dir_url: cfg.upload_dir_url.clone(),
+            shacache_tls: cfg.shacache_tls.clone(),
+            shadir_tls: cfg.shadir_tls.clone(),
+            limits,
+        })?;
+        let (verifier, mut warnings) = Verifier::from_pems(&cfg.signature_certificates);
+        warnings.extend(cfg.notices.iter().cloned());
+        let signer = match &cfg.signature_private_key_file {
+            Some(path) => {
+                let signer = Signer::load(path)?;
+                if cfg.download_dir_url.is_some() && !verifier.trusts(&signer.public_key()) {
+                    return Err(
+                        SignatureError::NoMatchingCertificate(path.display().to_string()).into(),
+                    );
+                }
+                Some(signer)
+            }
+            None => None,
+        };
+        Ok(Client {
+            remote,
+            verifier,
+            signer,
+            warnings,
+        })
+    }
+
+    /// The trusted entries of a key; `None` when shadir has never heard of it (404).
+    pub async fn select(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Vec<TrustedEntry>, Vec<Hidden>)>, RemoteError> {
+        match self.remote.get_dir(key).await? {
+            DirListing::Missing => Ok(None),
+            DirListing::Found(listing) => Ok(Some(select_trusted(listing, &self.verifier))),
+        }
+    }
+
+    /// Makes sure shacache holds the blob in `path` (whose hash is `sha`): only a 404
+    /// counts as absent, then the file is POSTed. Returns true when it was uploaded.
+    pub async fn ensure_blob(
+        &self,
+        path: &Path,
+        sha: &Sha512,
+        tmp_dir: &Path,
+        progress: Progress<'_>,
+    ) -> Result<bool, RemoteError> {
+        match self.remote.probe_blob(sha, tmp_dir).await? {
+            Probe::Size(_) | Probe::Fetched(_) => Ok(false),
+            Probe::Absent => {
+                self.remote.post_blob(path, sha, progress).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The signed entry for a blob and its metadata, as the reference client writes it.
+    pub fn make_entry(&self, sha: &Sha512, metadata: &Map<String, Value>) -> RawEntry {
+        let inner = build_inner(sha, metadata);
+        let signature = self
+            .signer
+            .as_ref()
+            .map(|s| s.sign(&inner))
+            .unwrap_or_default();
+        RawEntry { inner, signature }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!(
+            "{}/tests/fixtures/signature/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn trust_filter_matches_reference_verdicts() {
+        let body = fixture("shadir-response.json");
+        let listing = crate::wire::parse_listing(body.as_bytes()).unwrap();
+        let (ab, _) = Verifier::from_pems(&[fixture("signer-a.crt"), fixture("signer-b.crt")]);
+        let (a, _) = Verifier::from_pems(&[fixture("signer-a.crt")]);
+        let (shown, hidden) = select_trusted(listing.clone(), &ab);
+        assert_eq!(shown.len(), 2);
+        assert_eq!(hidden.len(), 2);
+        assert_eq!(
+            shown[0].signer,
+            SignedBy::Certificate("shacachefs-fixture-a".into())
+        );
+        assert_eq!(
+            shown[1].signer,
+            SignedBy::Certificate("shacachefs-fixture-b".into())
+        );
+        let (shown, _) = select_trusted(listing.clone(), &a);
+        assert_eq!(shown.len(), 1);
+        let (shown, hidden) = select_trusted(listing, &Verifier::default());
+        assert_eq!(shown.len(), 4);
+        assert!(hidden.is_empty());
+        assert!(shown.iter().all(|e| e.signer == SignedBy::Unverified));
+    }
+}
+
+/// The `.entries.json` / `ls --json` document: `[{"name", "sha512", "metadata",
+/// "signer"}]` in name order.
+pub fn entries_json(files: &[(String, TrustedEntry)]) -> Value {
+    Value::Array(
+        files
+            .iter()
+            .map(|(name, e)| {
+                let mut o = Map::new();
+                o.insert("name".into(), Value::String(name.clone()));
+                o.insert("sha512".into(), Value::String(e.info.sha512.hex()));
+                o.insert("metadata".into(), Value::Object(e.info.metadata.clone()));
+                o.insert("signer".into(), Value::String(e.signer.label().to_string()));
+                Value::Object(o)
+            })
+            .collect(),
+    )
+}

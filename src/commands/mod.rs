@@ -1,0 +1,83 @@
+//! The subcommands other than `mount`: each file holds one, taking its plain argument
+//! struct from `cli`. Errors are `anyhow` here (and only here and in `main`).
+
+pub mod download;
+pub mod keygen;
+pub mod ls;
+pub mod mount;
+pub mod serve;
+pub mod upload;
+
+use crate::client::Client;
+use crate::config::Config;
+use crate::remote::Limits;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::Path;
+
+/// The configuration named by `-c`, else the first default file that exists.
+pub fn load_config(path: Option<&Path>) -> Result<Config> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => match Config::find_default() {
+            Some(p) => p,
+            None => bail!(
+                "no configuration: pass -c FILE (none of {} exists)",
+                crate::config::DEFAULT_PATHS.join(", ")
+            ),
+        },
+    };
+    let cfg = Config::load(&path)?;
+    for notice in &cfg.notices {
+        tracing::info!("{notice}");
+    }
+    Ok(cfg)
+}
+
+/// A client for a configuration, with its warnings logged.
+pub fn client_for(cfg: &Config) -> Result<Client> {
+    let client = Client::from_config(cfg, Limits::default()).with_context(|| {
+        format!(
+            "{}: cannot set up the network cache client",
+            cfg.source.display()
+        )
+    })?;
+    for w in &client.warnings {
+        tracing::warn!("{w}");
+    }
+    if client.verifier.is_empty() {
+        tracing::warn!(
+            "{}: no signature-certificate-list: entries are NOT verified",
+            cfg.source.display()
+        );
+    }
+    Ok(client)
+}
+
+/// A byte progress bar on stderr when it is a terminal; hidden otherwise.
+pub fn progress_bar(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Updates a bar from a transfer callback.
+pub fn track(bar: &ProgressBar) -> impl Fn(u64, Option<u64>) + Send + Sync + '_ {
+    move |done, total| {
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(done);
+    }
+}

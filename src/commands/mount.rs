@@ -1,0 +1,274 @@
+//! `shacachefs mount`: configuration (or the embedded default), cache, client, core,
+//! then the FUSE session until unmounted, SIGINT or SIGTERM.
+
+use super::{client_for, load_config};
+use crate::cache::{Cache, CacheOptions};
+use crate::cli::{parse_size, MountArgs};
+use crate::config::Config;
+use crate::daemon::Notifier;
+use crate::fs::{Core, FsOptions};
+use crate::mount::{mount, FuseFs, MountConfig};
+use crate::server::{self, RunningServer, ServerOptions};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Applies `-o a,b=c` options onto the flags (each flag has an `-o` spelling).
+pub fn apply_options(args: &mut MountArgs) -> Result<()> {
+    let opts: Vec<String> = args
+        .options
+        .iter()
+        .flat_map(|o| {
+            o.split(',')
+                .map(str::trim)
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .filter(|o| !o.is_empty())
+        .collect();
+    for opt in opts {
+        let (name, value) = match opt.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (opt.clone(), None),
+        };
+        let need = |v: &Option<String>| {
+            v.clone()
+                .with_context(|| format!("-o {name} needs a value"))
+        };
+        match name.replace('-', "_").as_str() {
+            "ro" => args.options_ro = true,
+            "allow_other" => args.allow_other = true,
+            "require_signature" => args.require_signature = true,
+            "no_passthrough" => args.no_passthrough = true,
+            "foreground" => args.foreground = true,
+            "cache_dir" => args.cache_dir = Some(PathBuf::from(need(&value)?)),
+            "cache_size" => {
+                args.cache_size = parse_size(&need(&value)?).map_err(anyhow::Error::msg)?
+            }
+            "dir_ttl" => args.dir_ttl = need(&value)?.parse().context("-o dir_ttl")?,
+            "negative_ttl" => {
+                args.negative_ttl = need(&value)?.parse().context("-o negative_ttl")?
+            }
+            "key" => args.keys.push(need(&value)?),
+            "log_file" => args.log_file = Some(PathBuf::from(need(&value)?)),
+            "config" => args.config.config = Some(PathBuf::from(need(&value)?)),
+            // Generic mount(8) options that mean nothing more here.
+            "rw" | "defaults" | "auto" | "noauto" | "nofail" | "user" | "users" | "nouser"
+            | "_netdev" | "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime"
+            | "noatime" | "relatime" => {}
+            other => bail!("unknown mount option -o {other}"),
+        }
+    }
+    Ok(())
+}
+
+fn default_cache_dir() -> PathBuf {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        return PathBuf::from("/var/cache/shacachefs");
+    }
+    match std::env::var_os("XDG_CACHE_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("shacachefs"),
+        _ => home().join(".cache/shacachefs"),
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        return PathBuf::from("/var/lib/shacachefs");
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("shacachefs"),
+        _ => home().join(".local/share/shacachefs"),
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+/// The embedded default: a server over a local store, with a signing key made on first use.
+async fn embedded() -> Result<(Config, RunningServer, String)> {
+    let data = default_data_dir().join("embedded");
+    let store = data.join("store");
+    std::fs::create_dir_all(&store)
+        .with_context(|| format!("cannot create {}", store.display()))?;
+    let key = data.join("signing.key");
+    let cert = data.join("signing.crt");
+    if !key.exists() || !cert.exists() {
+        let (k, c) = crate::signature::generate(2048, "shacachefs-embedded")?;
+        write_private(&key, &k)?;
+        std::fs::write(&cert, &c)?;
+    }
+    let cert_pem = std::fs::read_to_string(&cert)?;
+    let srv = server::start(
+        "127.0.0.1:0".parse()?,
+        ServerOptions {
+            root: store.clone(),
+            upload_user: None,
+            tls: None,
+        },
+    )
+    .await?;
+    let cfg = Config {
+        source: PathBuf::from("(embedded default)"),
+        download_cache_url: Some(srv.cache_url()),
+        download_dir_url: Some(srv.dir_url()),
+        upload_cache_url: Some(srv.cache_url()),
+        upload_dir_url: Some(srv.dir_url()),
+        signature_private_key_file: Some(key.clone()),
+        signature_certificates: vec![cert_pem],
+        ..Config::default()
+    };
+    let about = format!(
+        "no configuration given and none of {} exists: using the embedded server\n  store: {}\n  signing key: {}\n  certificate: {}\n  server: {}",
+        crate::config::DEFAULT_PATHS.join(", "),
+        store.display(),
+        key.display(),
+        cert.display(),
+        srv.dir_url().trim_end_matches("/shadir"),
+    );
+    eprintln!("shacachefs: {about}");
+    Ok((cfg, srv, format!("embedded:{}", store.display())))
+}
+
+fn write_private(path: &std::path::Path, data: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(data.as_bytes())?;
+    Ok(())
+}
+
+/// Runs the mount. `notifier` is the detached child's pipe to the waiting parent.
+pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> {
+    let result = start(&mut args).await;
+    let (session_parts, note) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(n) = notifier {
+                n.fail(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
+    let (session, core, _server) = session_parts;
+    let message = format!("shacachefs: mounted on {}{note}", args.mountpoint.display());
+    match notifier {
+        Some(n) => {
+            n.ready(&message);
+            let _ = crate::daemon::redirect_std(args.log_file.as_deref());
+        }
+        None => eprintln!("{message}"),
+    }
+    let mut session = session;
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = args.mountpoint.clone();
+    tokio::spawn(async move {
+        super::serve::shutdown_signal().await;
+        tracing::info!("signal received: unmounting {}", mountpoint.display());
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!("unmount {}: {e}", mountpoint.display());
+        }
+    });
+    let ran = tokio::task::spawn_blocking(move || session.run()).await?;
+    if let Err(e) = core.cache().flush() {
+        tracing::warn!("saving cache tables: {e}");
+    }
+    ran.context("FUSE session")?;
+    tracing::info!("unmounted {}", args.mountpoint.display());
+    Ok(())
+}
+
+type Started = (
+    (
+        fuser::Session<FuseFs>,
+        std::sync::Arc<Core>,
+        Option<RunningServer>,
+    ),
+    String,
+);
+
+async fn start(args: &mut MountArgs) -> Result<Started> {
+    apply_options(args)?;
+    let explicit = args.config.config.clone();
+    let (cfg, server, namespace) = match explicit.or_else(Config::find_default) {
+        Some(path) => {
+            let cfg = load_config(Some(&path))?;
+            let ns = cfg.download_dir_url.clone().unwrap_or_default();
+            (cfg, None, ns)
+        }
+        None => {
+            let (cfg, srv, ns) = embedded().await?;
+            (cfg, Some(srv), ns)
+        }
+    };
+    let client = client_for(&cfg)?;
+    if !client.remote.can_download() {
+        bail!(
+            "{}: download-cache-url and download-dir-url are required to mount",
+            cfg.source.display()
+        );
+    }
+    if client.verifier.is_empty() {
+        if args.require_signature {
+            bail!(
+                "{}: no signature-certificate-list, and --require-signature was given",
+                cfg.source.display()
+            );
+        }
+        eprintln!(
+            "shacachefs: WARNING: {} has no signature-certificate-list: every entry is shown UNVERIFIED",
+            cfg.source.display()
+        );
+    }
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cache = Cache::open(CacheOptions {
+        dir: cache_dir.clone(),
+        max_bytes: args.cache_size,
+        namespace,
+    })?;
+    let mut keys = args.keys.clone();
+    if let Some(k) = &cfg.slapcache_key {
+        keys.push(k.clone());
+    }
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let core = Core::new(
+        client,
+        cache,
+        FsOptions {
+            dir_ttl: Duration::from_secs(args.dir_ttl),
+            negative_ttl: Duration::from_secs(args.negative_ttl),
+            keys,
+            uid,
+            gid,
+            probe_concurrency: 16,
+        },
+    );
+    let fs = FuseFs::new(
+        core.clone(),
+        tokio::runtime::Handle::current(),
+        !args.no_passthrough,
+    );
+    let session = mount(
+        fs,
+        &MountConfig {
+            mountpoint: args.mountpoint.clone(),
+            allow_other: args.allow_other,
+            // Writing through the mount is not implemented yet: always read-only.
+            read_only: true,
+            passthrough: !args.no_passthrough,
+        },
+    )?;
+    let note = format!(" (cache {}, read-only)", cache_dir.display());
+    Ok(((session, core, server), note))
+}

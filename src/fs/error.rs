@@ -1,0 +1,116 @@
+//! The filesystem core's error type and the one table that turns every error into an
+//! errno. The matches are exhaustive on purpose: a new error variant anywhere below does
+//! not compile until someone decides what the user sees.
+
+use crate::cache::CacheError;
+use crate::remote::RemoteError;
+
+/// What a filesystem operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("read-only filesystem")]
+    ReadOnly,
+    #[error("operation not permitted: {0}")]
+    NotPermitted(&'static str),
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("buffer too small")]
+    Range,
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("local I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FsError {
+    /// The errno the kernel hands to the application.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::BadHandle => libc::EBADF,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::Remote(e) => remote_errno(e),
+            FsError::Cache(e) => cache_errno(e),
+            FsError::Io(e) => io_errno(e),
+        }
+    }
+}
+
+fn remote_errno(e: &RemoteError) -> i32 {
+    match e {
+        // A blob an entry points to that shacache does not have: the file exists (the
+        // entry does) but cannot be read.
+        RemoteError::NotFound { .. } => libc::EIO,
+        RemoteError::Refused { .. } => libc::EACCES,
+        RemoteError::NotConfigured(_)
+        | RemoteError::Status { .. }
+        | RemoteError::Network { .. }
+        | RemoteError::Timeout { .. }
+        | RemoteError::Corrupt { .. }
+        | RemoteError::Protocol { .. }
+        | RemoteError::TooLarge { .. }
+        | RemoteError::Tls(_) => libc::EIO,
+        RemoteError::Io(io) => io_errno(io),
+    }
+}
+
+fn cache_errno(e: &CacheError) -> i32 {
+    match e {
+        CacheError::NoSpace { .. } => libc::ENOSPC,
+        CacheError::Io { source, .. } => io_errno(source),
+        CacheError::Version { .. } => libc::EIO,
+    }
+}
+
+fn io_errno(e: &std::io::Error) -> i32 {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => libc::ENOSPC,
+        Some(libc::EDQUOT) => libc::ENOSPC,
+        _ => libc::EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errnos() {
+        assert_eq!(FsError::NotFound.errno(), libc::ENOENT);
+        assert_eq!(
+            FsError::Cache(CacheError::NoSpace { needed: 1 }).errno(),
+            libc::ENOSPC
+        );
+        let refused = RemoteError::Refused {
+            url: "u".into(),
+            status: 302,
+            detail: String::new(),
+        };
+        assert_eq!(FsError::Remote(refused).errno(), libc::EACCES);
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(FsError::Io(full).errno(), libc::ENOSPC);
+        let timeout = RemoteError::Timeout {
+            url: "u".into(),
+            message: "m".into(),
+        };
+        assert_eq!(FsError::Remote(timeout).errno(), libc::EIO);
+    }
+}

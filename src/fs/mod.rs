@@ -1,0 +1,911 @@
+//! The filesystem core: the tree of design §1 (keys as directories, trusted entries as
+//! files, `latest`, `.entries.json`, `.sha512/<hex>`), lazy verified reads through the
+//! cache, and the refresh rules. No FUSE types here: the adapter in `mount` translates.
+//! Tests drive this directly against the embedded server.
+//!
+//! Subtle cases and how they are handled:
+//! - Keys cannot be listed on any server, so a key exists when shadir answers 200 for it
+//!   (also `[]`); a 404 is remembered for `negative_ttl`. `mkdir` makes a local key that
+//!   shows as an empty directory until something is written into it.
+//! - A listing is refreshed after `dir_ttl`. When the server cannot be reached (network
+//!   error, timeout, 5xx) the last answer (in memory, else on disk) is used and the key
+//!   is not asked again before another `dir_ttl`, so an offline mount does not wait for
+//!   a timeout at every `stat`.
+//! - Sizes come from the cache, the persisted size table, or one probe per blob; a
+//!   listing starts concurrent probes for every unknown size at once, so `ls -l` of a
+//!   1,000-entry key costs one shadir request and parallel probes.
+//! - One download per blob however many openers (single flight); a blob that does not
+//!   verify is fetched once more, then the open fails with EIO. Unverified bytes never
+//!   enter the cache (only a `VerifiedFile` can) and are never served.
+
+pub mod error;
+pub mod flight;
+pub mod inodes;
+pub mod xattr;
+
+use crate::cache::{BlobPin, Cache};
+use crate::client::{entries_json, select_trusted, Client, TrustedEntry};
+use crate::digest::Sha512;
+use crate::naming::{self, key_dir_name, key_from_dir_name, name_entries};
+use crate::pyjson::{dumps_with, Style};
+use crate::remote::{DirListing, Probe, RemoteError};
+use crate::wire::{parse_listing, Listing, RawEntry};
+pub use error::FsError;
+use flight::KeyedLocks;
+use inodes::Inodes;
+pub use inodes::{Node, ROOT_INO};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+
+/// How the tree behaves.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// A key's listing is refreshed after this long (also the kernel's entry/attr TTL).
+    pub dir_ttl: Duration,
+    /// A key shadir does not know is not asked again before this long.
+    pub negative_ttl: Duration,
+    /// Keys shown at the root from the start (`--key`, `[shacache] key`).
+    pub keys: Vec<String>,
+    /// Owner of every node.
+    pub uid: u32,
+    pub gid: u32,
+    /// Size probes in flight at once.
+    pub probe_concurrency: usize,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            dir_ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(10),
+            keys: Vec::new(),
+            uid: 0,
+            gid: 0,
+            probe_concurrency: 16,
+        }
+    }
+}
+
+/// Node types as the kernel sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+/// Attributes of a node.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub mtime: SystemTime,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub name: String,
+    pub kind: Kind,
+}
+
+/// A file of a key directory.
+#[derive(Debug, Clone)]
+pub struct FileEntry {
+    pub entry: TrustedEntry,
+    pub mtime: SystemTime,
+}
+
+/// A key's trusted entries, named.
+#[derive(Debug)]
+pub struct KeyListing {
+    fetched: Instant,
+    pub files: BTreeMap<String, FileEntry>,
+    pub latest: Option<String>,
+    pub entries_json: Arc<Vec<u8>>,
+}
+
+enum KeyState {
+    Listed(Arc<KeyListing>),
+    Missing(Instant),
+}
+
+/// An open file.
+pub enum Handle {
+    /// A verified blob in the cache, pinned against eviction while open.
+    Blob {
+        file: File,
+        size: u64,
+        _pin: BlobPin,
+    },
+    /// Generated content (`.entries.json`), a snapshot taken at open.
+    Memory(Arc<Vec<u8>>),
+}
+
+impl Handle {
+    /// The cache file, for FUSE passthrough.
+    pub fn backing_file(&self) -> Option<&File> {
+        match self {
+            Handle::Blob { file, .. } => Some(file),
+            Handle::Memory(_) => None,
+        }
+    }
+    /// Generated content has no stable size: read it with direct I/O.
+    pub fn direct_io(&self) -> bool {
+        matches!(self, Handle::Memory(_))
+    }
+}
+
+/// Counters for `status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub downloads_in_flight: AtomicU64,
+    pub dir_requests: AtomicU64,
+    pub probes: AtomicU64,
+}
+
+/// The filesystem core.
+pub struct Core {
+    client: Client,
+    cache: Arc<Cache>,
+    opts: FsOptions,
+    inodes: Mutex<Inodes>,
+    keys: Mutex<HashMap<String, KeyState>>,
+    local_keys: Mutex<BTreeSet<String>>,
+    key_locks: KeyedLocks<String>,
+    blob_locks: KeyedLocks<Sha512>,
+    size_locks: KeyedLocks<Sha512>,
+    probes: Arc<Semaphore>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    started: SystemTime,
+    logged_hidden: Mutex<HashSet<(String, String)>>,
+    pub stats: Stats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Errors after which the last known answer is better than nothing.
+fn is_unreachable(e: &RemoteError) -> bool {
+    match e {
+        RemoteError::Network { .. } | RemoteError::Timeout { .. } => true,
+        RemoteError::Status { status, .. } => *status >= 500,
+        _ => false,
+    }
+}
+
+fn time_of(ts: f64) -> Option<SystemTime> {
+    if ts.is_finite() && ts >= 0.0 && ts < 1e11 {
+        Some(UNIX_EPOCH + Duration::from_secs_f64(ts))
+    } else {
+        None
+    }
+}
+
+/// A listing as a shadir body (for the on-disk copy): `[[inner, signature], …]`.
+fn listing_body(l: &Listing) -> Vec<u8> {
+    let arr = l
+        .entries
+        .iter()
+        .map(|e| {
+            Value::Array(vec![
+                Value::String(e.inner.clone()),
+                Value::String(e.signature.clone()),
+            ])
+        })
+        .collect();
+    crate::pyjson::dumps(&Value::Array(arr)).into_bytes()
+}
+
+impl Core {
+    pub fn new(client: Client, cache: Arc<Cache>, opts: FsOptions) -> Arc<Core> {
+        let probes = Arc::new(Semaphore::new(opts.probe_concurrency.max(1)));
+        Arc::new(Core {
+            client,
+            cache,
+            probes,
+            inodes: Mutex::new(Inodes::default()),
+            keys: Mutex::new(HashMap::new()),
+            local_keys: Mutex::new(BTreeSet::new()),
+            key_locks: KeyedLocks::default(),
+            blob_locks: KeyedLocks::default(),
+            size_locks: KeyedLocks::default(),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            started: SystemTime::now(),
+            logged_hidden: Mutex::new(HashSet::new()),
+            stats: Stats::default(),
+            opts,
+        })
+    }
+
+    pub fn options(&self) -> &FsOptions {
+        &self.opts
+    }
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    fn ino(&self, node: &Node) -> u64 {
+        lock(&self.inodes).ino(node)
+    }
+
+    fn node(&self, ino: u64) -> Result<Node, FsError> {
+        lock(&self.inodes)
+            .node(ino)
+            .cloned()
+            .ok_or(FsError::NotFound)
+    }
+
+    fn dir_attr(&self, ino: u64, mtime: SystemTime) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::Dir,
+            size: 0,
+            perm: 0o755,
+            nlink: 2,
+            mtime,
+            uid: self.opts.uid,
+            gid: self.opts.gid,
+        }
+    }
+
+    fn file_attr(&self, ino: u64, size: u64, mtime: SystemTime) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::File,
+            size,
+            perm: 0o444,
+            nlink: 1,
+            mtime,
+            uid: self.opts.uid,
+            gid: self.opts.gid,
+        }
+    }
+
+    /// Keys shown at the root: configured, known to the cache, made with `mkdir`.
+    pub fn root_keys(&self) -> BTreeSet<String> {
+        let mut keys: BTreeSet<String> = self.opts.keys.iter().cloned().collect();
+        keys.extend(self.cache.known_keys());
+        keys.extend(lock(&self.local_keys).iter().cloned());
+        keys
+    }
+
+    /// The key a root directory name stands for.
+    fn key_of_name(&self, name: &str) -> Option<String> {
+        if let Some(k) = key_from_dir_name(name) {
+            return Some(k);
+        }
+        // Long keys are shown with a digest: only known keys can be found that way.
+        self.root_keys()
+            .into_iter()
+            .find(|k| key_dir_name(k) == name)
+    }
+
+    fn fresh_state(&self, key: &str) -> Option<Option<Arc<KeyListing>>> {
+        let keys = lock(&self.keys);
+        match keys.get(key)? {
+            KeyState::Listed(l) if l.fetched.elapsed() < self.opts.dir_ttl => Some(Some(l.clone())),
+            KeyState::Missing(t) if t.elapsed() < self.opts.negative_ttl => Some(None),
+            _ => None,
+        }
+    }
+
+    fn stale_listing(&self, key: &str) -> Option<Arc<KeyListing>> {
+        match lock(&self.keys).get(key) {
+            Some(KeyState::Listed(l)) => Some(l.clone()),
+            _ => None,
+        }
+    }
+
+    fn remember(self: &Arc<Self>, key: &str, listing: Listing) -> Arc<KeyListing> {
+        let built = Arc::new(self.build(key, listing));
+        lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
+        self.prefetch_sizes(&built);
+        built
+    }
+
+    /// The trusted, named entries of a key; `None` when shadir does not know the key.
+    pub async fn listing(self: &Arc<Self>, key: &str) -> Result<Option<Arc<KeyListing>>, FsError> {
+        if let Some(r) = self.fresh_state(key) {
+            return Ok(r);
+        }
+        let _guard = self.key_locks.lock(&key.to_string()).await;
+        if let Some(r) = self.fresh_state(key) {
+            return Ok(r);
+        }
+        // A fresh answer saved by an earlier mount spares a request.
+        if self.stale_listing(key).is_none() {
+            if let Some((when, Some(body))) = self.cache.dir_answer(key) {
+                let age = SystemTime::now()
+                    .duration_since(when)
+                    .unwrap_or(Duration::MAX);
+                if age < self.opts.dir_ttl {
+                    if let Ok(l) = parse_listing(&body) {
+                        return Ok(Some(self.remember(key, l)));
+                    }
+                }
+            }
+        }
+        self.stats.dir_requests.fetch_add(1, Ordering::Relaxed);
+        match self.client.remote.get_dir(key).await {
+            Ok(DirListing::Found(l)) => {
+                self.cache.store_dir_answer(key, Some(&listing_body(&l)));
+                self.cache.add_known_key(key);
+                Ok(Some(self.remember(key, l)))
+            }
+            Ok(DirListing::Missing) => {
+                self.cache.store_dir_answer(key, None);
+                if lock(&self.local_keys).contains(key) {
+                    return Ok(Some(self.remember(key, Listing::default())));
+                }
+                lock(&self.keys).insert(key.to_string(), KeyState::Missing(Instant::now()));
+                Ok(None)
+            }
+            Err(e) if is_unreachable(&e) => {
+                let saved = self
+                    .stale_listing(key)
+                    .map(|l| Listing {
+                        entries: l
+                            .files
+                            .values()
+                            .map(|f| f.entry.raw.clone())
+                            .collect::<Vec<RawEntry>>(),
+                        rejected: Vec::new(),
+                    })
+                    .or_else(|| match self.cache.dir_answer(key) {
+                        Some((_, Some(body))) => parse_listing(&body).ok(),
+                        _ => None,
+                    });
+                match saved {
+                    Some(l) => {
+                        tracing::warn!(
+                            "key {key}: shadir unreachable ({e}); serving the last known listing"
+                        );
+                        Ok(Some(self.remember(key, l)))
+                    }
+                    None => {
+                        tracing::error!("key {key}: {e}");
+                        Err(e.into())
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("key {key}: {e}");
+                Err(e.into())
+            }
+        }
+    }
+
+    fn build(&self, key: &str, listing: Listing) -> KeyListing {
+        let (trusted, hidden) = select_trusted(listing, &self.client.verifier);
+        {
+            let mut logged = lock(&self.logged_hidden);
+            for h in hidden {
+                if logged.insert((key.to_string(), h.excerpt.clone())) {
+                    tracing::debug!("key {key}: entry hidden ({}): {}", h.reason, h.excerpt);
+                }
+            }
+        }
+        let named = name_entries(trusted);
+        let mut files = BTreeMap::new();
+        for (name, entry) in named.files.iter().cloned() {
+            let mtime = entry
+                .info
+                .timestamp()
+                .and_then(time_of)
+                .unwrap_or_else(|| self.cache.first_seen(key, &entry.info.sha512));
+            files.insert(name, FileEntry { entry, mtime });
+        }
+        let mut json = dumps_with(
+            &entries_json(&named.files),
+            Style {
+                indent: Some(2),
+                sort_keys: false,
+            },
+        );
+        json.push('\n');
+        KeyListing {
+            fetched: Instant::now(),
+            files,
+            latest: named.latest,
+            entries_json: Arc::new(json.into_bytes()),
+        }
+    }
+
+    /// Starts size probes for every blob of a listing whose size is not known yet.
+    fn prefetch_sizes(self: &Arc<Self>, listing: &KeyListing) {
+        let unknown: HashSet<Sha512> = listing
+            .files
+            .values()
+            .map(|f| f.entry.info.sha512)
+            .filter(|s| self.cache.size_of(s).is_none())
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for sha in unknown {
+            let core = self.clone();
+            rt.spawn(async move {
+                if let Err(e) = core.blob_size(&sha).await {
+                    tracing::debug!("size of {}: {e}", sha.short(16));
+                }
+            });
+        }
+    }
+
+    /// The size of a blob (`None`: shacache does not have it).
+    pub async fn blob_size(&self, sha: &Sha512) -> Result<Option<u64>, FsError> {
+        if let Some(n) = self.cache.size_of(sha) {
+            return Ok(Some(n));
+        }
+        let _g = self.size_locks.lock(sha).await;
+        if let Some(n) = self.cache.size_of(sha) {
+            return Ok(Some(n));
+        }
+        let _permit = self.probes.acquire().await;
+        self.stats.probes.fetch_add(1, Ordering::Relaxed);
+        match self
+            .client
+            .remote
+            .probe_blob(sha, self.cache.tmp_dir())
+            .await?
+        {
+            Probe::Size(n) => {
+                self.cache.record_size(sha, n);
+                Ok(Some(n))
+            }
+            Probe::Fetched(v) => {
+                let n = v.len();
+                self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+                self.cache.insert_blob(v)?;
+                self.cache.record_size(sha, n);
+                Ok(Some(n))
+            }
+            Probe::Absent => Ok(None),
+        }
+    }
+
+    async fn entry_size(&self, key: &str, name: &str, sha: &Sha512) -> Result<u64, FsError> {
+        match self.blob_size(sha).await {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => {
+                tracing::warn!(
+                    "key {key}: entry {name}: blob {} is not in shacache",
+                    sha.short(16)
+                );
+                Err(FsError::Remote(RemoteError::NotFound {
+                    url: format!("shacache/{sha}"),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "key {key}: entry {name}: cannot find the size of {}: {e}",
+                    sha.short(16)
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes sure a blob is in the cache, downloading it (once, whoever else waits).
+    pub async fn ensure_cached(&self, sha: &Sha512, what: &str) -> Result<(), FsError> {
+        if self.cache.lookup_blob(sha).is_some() {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let _g = self.blob_locks.lock(sha).await;
+        if self.cache.lookup_blob(sha).is_some() {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self.cache.size_of(sha) {
+            if let Err(e) = self.cache.reserve(n) {
+                tracing::error!("{what}: cannot make room for {n} bytes in the cache: {e}");
+                return Err(e.into());
+            }
+        }
+        self.stats
+            .downloads_in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        let result = self.download(sha, what).await;
+        self.stats
+            .downloads_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn download(&self, sha: &Sha512, what: &str) -> Result<(), FsError> {
+        let started = Instant::now();
+        let progress = |done: u64, total: Option<u64>| {
+            tracing::trace!("{what}: {done}/{total:?} bytes");
+        };
+        for attempt in 1..=2 {
+            match self
+                .client
+                .remote
+                .fetch_blob(sha, self.cache.tmp_dir(), &progress)
+                .await
+            {
+                Ok(v) => {
+                    let n = v.len();
+                    self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+                    self.cache.insert_blob(v)?;
+                    self.cache.record_size(sha, n);
+                    tracing::info!("{what}: fetched {n} bytes in {:.1?}", started.elapsed());
+                    return Ok(());
+                }
+                Err(RemoteError::Corrupt {
+                    url,
+                    expected,
+                    actual,
+                }) => {
+                    tracing::error!(
+                        "{what}: downloaded content does not match: expected SHA-512 {expected}, got {actual} ({url}){}",
+                        if attempt == 1 { "; retrying once" } else { "" }
+                    );
+                    if attempt == 2 {
+                        return Err(FsError::Remote(RemoteError::Corrupt {
+                            url,
+                            expected,
+                            actual,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("{what}: download failed: {e}");
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(FsError::Invalid("unreachable retry loop"))
+    }
+
+    // ---- operations ----------------------------------------------------------------
+
+    /// `lookup(parent, name)`.
+    pub async fn lookup(self: &Arc<Self>, parent: u64, name: &str) -> Result<Attr, FsError> {
+        match self.node(parent)? {
+            Node::Root => {
+                if name == ".sha512" {
+                    let ino = self.ino(&Node::ShaDir);
+                    return Ok(self.dir_attr(ino, self.started));
+                }
+                let key = self.key_of_name(name).ok_or(FsError::NotFound)?;
+                match self.listing(&key).await? {
+                    Some(_) => Ok(self.dir_attr(self.ino(&Node::Key(key)), self.started)),
+                    None => Err(FsError::NotFound),
+                }
+            }
+            Node::ShaDir => {
+                let sha = Sha512::parse(name).map_err(|_| FsError::NotFound)?;
+                match self.blob_size(&sha).await? {
+                    Some(size) => {
+                        Ok(self.file_attr(self.ino(&Node::Blob(sha)), size, self.started))
+                    }
+                    None => Err(FsError::NotFound),
+                }
+            }
+            Node::Key(key) => {
+                let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
+                self.key_child_attr(&key, &listing, name).await
+            }
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    async fn key_child_attr(
+        &self,
+        key: &str,
+        listing: &KeyListing,
+        name: &str,
+    ) -> Result<Attr, FsError> {
+        if name == "latest" {
+            let target = listing.latest.as_ref().ok_or(FsError::NotFound)?;
+            let ino = self.ino(&Node::Latest(key.to_string()));
+            let mtime = listing
+                .files
+                .get(target)
+                .map(|f| f.mtime)
+                .unwrap_or(self.started);
+            return Ok(Attr {
+                kind: Kind::Symlink,
+                size: target.len() as u64,
+                perm: 0o777,
+                ..self.file_attr(ino, 0, mtime)
+            });
+        }
+        if name == ".entries.json" {
+            let ino = self.ino(&Node::EntriesJson(key.to_string()));
+            return Ok(self.file_attr(ino, listing.entries_json.len() as u64, self.started));
+        }
+        let f = listing.files.get(name).ok_or(FsError::NotFound)?;
+        let sha = f.entry.info.sha512;
+        let size = self.entry_size(key, name, &sha).await?;
+        let ino = self.ino(&Node::Entry {
+            key: key.to_string(),
+            name: name.to_string(),
+            sha,
+        });
+        Ok(self.file_attr(ino, size, f.mtime))
+    }
+
+    /// `getattr(ino)`.
+    pub async fn getattr(self: &Arc<Self>, ino: u64) -> Result<Attr, FsError> {
+        match self.node(ino)? {
+            Node::Root | Node::ShaDir | Node::Key(_) => Ok(self.dir_attr(ino, self.started)),
+            Node::Blob(sha) => match self.blob_size(&sha).await? {
+                Some(size) => Ok(self.file_attr(ino, size, self.started)),
+                None => Err(FsError::NotFound),
+            },
+            Node::Entry { key, name, sha } => {
+                let mtime = match self.listing(&key).await {
+                    Ok(Some(l)) => l.files.get(&name).map(|f| f.mtime),
+                    _ => None,
+                }
+                .unwrap_or(self.started);
+                let size = self.entry_size(&key, &name, &sha).await?;
+                Ok(self.file_attr(ino, size, mtime))
+            }
+            Node::Latest(key) | Node::EntriesJson(key) => {
+                let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
+                let name = if matches!(self.node(ino)?, Node::Latest(_)) {
+                    "latest"
+                } else {
+                    ".entries.json"
+                };
+                self.key_child_attr(&key, &listing, name).await
+            }
+        }
+    }
+
+    /// `readdir(ino)`: every entry, `.` and `..` included.
+    pub async fn readdir(self: &Arc<Self>, ino: u64) -> Result<Vec<DirEntry>, FsError> {
+        let mut out = vec![
+            DirEntry {
+                ino,
+                name: ".".into(),
+                kind: Kind::Dir,
+            },
+            DirEntry {
+                ino: ROOT_INO,
+                name: "..".into(),
+                kind: Kind::Dir,
+            },
+        ];
+        match self.node(ino)? {
+            Node::Root => {
+                out.push(DirEntry {
+                    ino: self.ino(&Node::ShaDir),
+                    name: ".sha512".into(),
+                    kind: Kind::Dir,
+                });
+                for key in self.root_keys() {
+                    let ino = self.ino(&Node::Key(key.clone()));
+                    out.push(DirEntry {
+                        ino,
+                        name: key_dir_name(&key),
+                        kind: Kind::Dir,
+                    });
+                }
+            }
+            Node::ShaDir => {}
+            Node::Key(key) => {
+                let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
+                for (name, f) in &listing.files {
+                    let ino = self.ino(&Node::Entry {
+                        key: key.clone(),
+                        name: name.clone(),
+                        sha: f.entry.info.sha512,
+                    });
+                    out.push(DirEntry {
+                        ino,
+                        name: name.clone(),
+                        kind: Kind::File,
+                    });
+                }
+                if listing.latest.is_some() {
+                    out.push(DirEntry {
+                        ino: self.ino(&Node::Latest(key.clone())),
+                        name: "latest".into(),
+                        kind: Kind::Symlink,
+                    });
+                }
+                out.push(DirEntry {
+                    ino: self.ino(&Node::EntriesJson(key.clone())),
+                    name: ".entries.json".into(),
+                    kind: Kind::File,
+                });
+            }
+            _ => return Err(FsError::NotDir),
+        }
+        Ok(out)
+    }
+
+    /// `readlink(ino)`.
+    pub async fn readlink(self: &Arc<Self>, ino: u64) -> Result<String, FsError> {
+        match self.node(ino)? {
+            Node::Latest(key) => {
+                let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
+                listing.latest.clone().ok_or(FsError::NotFound)
+            }
+            _ => Err(FsError::Invalid("not a symbolic link")),
+        }
+    }
+
+    /// `open(ino)` for reading: the blob is in the cache, verified, when this returns.
+    pub async fn open(self: &Arc<Self>, ino: u64) -> Result<(u64, Arc<Handle>), FsError> {
+        let handle = match self.node(ino)? {
+            Node::Entry { key, name, sha } => {
+                self.open_blob(&sha, &format!("key {key}: entry {name}"))
+                    .await?
+            }
+            Node::Blob(sha) => {
+                self.open_blob(&sha, &format!(".sha512/{}", sha.short(16)))
+                    .await?
+            }
+            Node::EntriesJson(key) => {
+                let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
+                Handle::Memory(listing.entries_json.clone())
+            }
+            Node::Root | Node::ShaDir | Node::Key(_) => return Err(FsError::IsDir),
+            Node::Latest(_) => return Err(FsError::Invalid("symbolic link")),
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(handle);
+        lock(&self.handles).insert(fh, handle.clone());
+        Ok((fh, handle))
+    }
+
+    async fn open_blob(&self, sha: &Sha512, what: &str) -> Result<Handle, FsError> {
+        // A cached blob that turns out unreadable or wrong is dropped by the cache; one
+        // more round fetches it again.
+        for _ in 0..2 {
+            self.ensure_cached(sha, what).await?;
+            if let Some((file, size, pin)) = self.cache.open_blob(sha)? {
+                return Ok(Handle::Blob {
+                    file,
+                    size,
+                    _pin: pin,
+                });
+            }
+        }
+        Err(FsError::Io(std::io::Error::other(
+            "blob vanished from the cache",
+        )))
+    }
+
+    /// `read(fh, offset, size)`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let handle = lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        match &*handle {
+            Handle::Blob {
+                file, size: total, ..
+            } => {
+                if offset >= *total {
+                    return Ok(Vec::new());
+                }
+                let want = (size as u64).min(total - offset) as usize;
+                let mut buf = vec![0u8; want];
+                let mut got = 0;
+                while got < want {
+                    match file.read_at(&mut buf[got..], offset + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                buf.truncate(got);
+                Ok(buf)
+            }
+            Handle::Memory(data) => {
+                let start = (offset as usize).min(data.len());
+                let end = (start + size as usize).min(data.len());
+                Ok(data[start..end].to_vec())
+            }
+        }
+    }
+
+    /// `release(fh)`: unpins the blob.
+    pub fn release(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+
+    /// Extended attributes of a node.
+    pub async fn xattrs(self: &Arc<Self>, ino: u64) -> Result<Vec<(String, Vec<u8>)>, FsError> {
+        match self.node(ino)? {
+            Node::Root => {
+                let mode = if self.client.verifier.is_empty() {
+                    "unverified".to_string()
+                } else {
+                    format!(
+                        "verified ({} certificates)",
+                        self.client.verifier.certs.len()
+                    )
+                };
+                Ok(vec![(
+                    "user.shacachefs.signature-mode".into(),
+                    mode.into_bytes(),
+                )])
+            }
+            Node::Entry { key, name, sha } => {
+                let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
+                let f = listing
+                    .files
+                    .get(&name)
+                    .filter(|f| f.entry.info.sha512 == sha)
+                    .ok_or(FsError::NotFound)?;
+                let cached = self.cache.lookup_blob(&sha).is_some();
+                Ok(xattr::entry_xattrs(
+                    &sha.hex(),
+                    &f.entry.info.metadata,
+                    f.entry.signer.label(),
+                    cached,
+                ))
+            }
+            Node::Blob(sha) => {
+                let cached = self.cache.lookup_blob(&sha).is_some();
+                Ok(vec![
+                    ("user.shacache.sha512".into(), sha.hex().into_bytes()),
+                    (
+                        "user.shacachefs.cached".into(),
+                        if cached { b"1".to_vec() } else { b"0".to_vec() },
+                    ),
+                ])
+            }
+            Node::ShaDir | Node::Key(_) | Node::Latest(_) | Node::EntriesJson(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// `mkdir(root, name)`: a local key, shown until the mount ends.
+    pub async fn mkdir(self: &Arc<Self>, parent: u64, name: &str) -> Result<Attr, FsError> {
+        if self.node(parent)? != Node::Root {
+            return Err(FsError::NotPermitted("directories exist only at the root"));
+        }
+        if name == ".sha512" || name.starts_with('.') && name.len() <= 2 {
+            return Err(FsError::NotPermitted("reserved name"));
+        }
+        let key = key_from_dir_name(name).ok_or(FsError::Invalid("not a usable key name"))?;
+        lock(&self.local_keys).insert(key.clone());
+        lock(&self.keys).remove(&key);
+        Ok(self.dir_attr(self.ino(&Node::Key(key)), SystemTime::now()))
+    }
+
+    /// The kernel's cache lifetime for entries and attributes.
+    pub fn ttl(&self) -> Duration {
+        self.opts.dir_ttl
+    }
+
+    /// The label rules, exposed for `ls` and tests.
+    pub fn label_of(entry: &TrustedEntry) -> String {
+        naming::label(&entry.info.metadata, &entry.info.sha512)
+    }
+}

@@ -1,0 +1,105 @@
+//! Extended attributes of entry files, and the rule for what does not fit.
+//!
+//! Names: `user.shacache.sha512`, `user.shadir.<field>` for each metadata field (strings
+//! as they are, other values as compact JSON), `user.shadir.signer`,
+//! `user.shacachefs.cached`. The kernel takes names up to 255 bytes, values up to
+//! 64 KiB and a whole listing up to 64 KiB: a field whose name or value is too long is
+//! left out, and fields are added in metadata order until the listing is full; the rest
+//! are left out (they stay in `.entries.json`).
+
+use serde_json::{Map, Value};
+
+/// Longest attribute name.
+pub const NAME_MAX: usize = 255;
+/// Largest value, and largest listing.
+pub const SIZE_MAX: usize = 65536;
+
+/// The attributes of an entry file, in listing order.
+pub fn entry_xattrs(
+    sha_hex: &str,
+    metadata: &Map<String, Value>,
+    signer: &str,
+    cached: bool,
+) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut listing = 0usize;
+    let mut push = |name: String, value: Vec<u8>, out: &mut Vec<(String, Vec<u8>)>| {
+        if name.len() > NAME_MAX || value.len() > SIZE_MAX || listing + name.len() + 1 > SIZE_MAX {
+            return;
+        }
+        listing += name.len() + 1;
+        out.push((name, value));
+    };
+    push(
+        "user.shacache.sha512".into(),
+        sha_hex.as_bytes().to_vec(),
+        &mut out,
+    );
+    push(
+        "user.shadir.signer".into(),
+        signer.as_bytes().to_vec(),
+        &mut out,
+    );
+    push(
+        "user.shacachefs.cached".into(),
+        if cached { b"1".to_vec() } else { b"0".to_vec() },
+        &mut out,
+    );
+    for (field, value) in metadata {
+        let v = match value {
+            Value::String(s) => s.clone().into_bytes(),
+            other => other.to_string().into_bytes(),
+        };
+        push(format!("user.shadir.{field}"), v, &mut out);
+    }
+    out
+}
+
+/// The `listxattr` answer: names, each followed by NUL.
+pub fn listing(attrs: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (n, _) in attrs {
+        out.extend_from_slice(n.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn fields_and_limits() {
+        let long_name = "n".repeat(300);
+        let meta = json!({"sha512": "ab", "file": "a.tgz", "os": ["debian", 12], "ok": true,
+                          long_name.as_str(): "x", "big": "v".repeat(70000)});
+        let attrs = entry_xattrs("ab", meta.as_object().unwrap(), "CN", true);
+        let get = |n: &str| {
+            attrs
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+        };
+        assert_eq!(get("user.shadir.file").as_deref(), Some("a.tgz"));
+        assert_eq!(get("user.shadir.os").as_deref(), Some(r#"["debian",12]"#));
+        assert_eq!(get("user.shadir.ok").as_deref(), Some("true"));
+        assert_eq!(get("user.shacachefs.cached").as_deref(), Some("1"));
+        assert!(get(&format!("user.shadir.{long_name}")).is_none());
+        assert!(get("user.shadir.big").is_none());
+        assert!(listing(&attrs).len() <= SIZE_MAX);
+    }
+
+    #[test]
+    fn listing_is_bounded() {
+        let mut meta = Map::new();
+        for i in 0..2000 {
+            meta.insert(format!("field-{i:04}-{}", "x".repeat(40)), Value::from(i));
+        }
+        let attrs = entry_xattrs("ab", &meta, "CN", false);
+        assert!(listing(&attrs).len() <= SIZE_MAX);
+        assert!(attrs.len() < 2003);
+        assert_eq!(attrs[0].0, "user.shacache.sha512");
+    }
+}

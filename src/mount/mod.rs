@@ -1,0 +1,436 @@
+//! The FUSE adapter: implements `fuser::Filesystem` by handing each request to the
+//! filesystem core on the tokio runtime and translating the result into a reply. It
+//! decides nothing: errors become errnos through `FsError::errno`, the one table.
+//!
+//! Requests are answered from tasks, so a slow download never blocks other requests:
+//! the session thread only reads requests and spawns.
+
+use crate::fs::{Attr, Core, FsError, Kind};
+use fuser::BackingId;
+use fuser::{
+    consts, FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::runtime::Handle;
+
+/// The adapter.
+pub struct FuseFs {
+    core: Arc<Core>,
+    rt: Handle,
+    /// Passthrough wanted (`--passthrough auto`) and granted by the kernel.
+    passthrough: Arc<AtomicBool>,
+    want_passthrough: bool,
+    /// Backing files registered for passthrough, kept until the handle is released
+    /// (dropping one early makes the kernel fail reads with EIO).
+    backing: Arc<Mutex<HashMap<u64, BackingId>>>,
+}
+
+impl FuseFs {
+    pub fn new(core: Arc<Core>, rt: Handle, want_passthrough: bool) -> Self {
+        FuseFs {
+            core,
+            rt,
+            passthrough: Arc::new(AtomicBool::new(false)),
+            want_passthrough,
+            backing: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
+fn to_fuse(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: a.ino,
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn log_err(op: &str, e: &FsError) -> i32 {
+    let errno = e.errno();
+    match e {
+        FsError::NotFound | FsError::NoAttr | FsError::Range => {}
+        _ => tracing::debug!("{op}: {e} (errno {errno})"),
+    }
+    errno
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        let _ = config
+            .set_max_readahead(1 << 20)
+            .or_else(|max| config.set_max_readahead(max));
+        let _ = config.add_capabilities(consts::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(consts::FUSE_CACHE_SYMLINKS);
+        if self.want_passthrough {
+            let granted = config.add_capabilities(consts::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            self.passthrough.store(granted, Ordering::Relaxed);
+            if granted {
+                tracing::info!("cached blobs are served with FUSE passthrough");
+            } else {
+                tracing::info!("FUSE passthrough not offered by this kernel: cached blobs are served with pread and the page cache kept across opens");
+            }
+        } else {
+            tracing::info!("FUSE passthrough disabled: cached blobs are served with pread");
+        }
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let core = self.core.clone();
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(libc::ENOENT);
+        };
+        self.rt.spawn(async move {
+            match core.lookup(parent, &name).await {
+                Ok(a) => reply.entry(&core.ttl(), &to_fuse(&a), 0),
+                Err(e) => reply.error(log_err("lookup", &e)),
+            }
+        });
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        let core = self.core.clone();
+        self.rt.spawn(async move {
+            match core.getattr(ino).await {
+                Ok(a) => reply.attr(&core.ttl(), &to_fuse(&a)),
+                Err(e) => reply.error(log_err("getattr", &e)),
+            }
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        let core = self.core.clone();
+        self.rt.spawn(async move {
+            // Mode, owner and time changes are accepted and ignored; sizes cannot change.
+            if size.is_some() {
+                return reply.error(libc::EROFS);
+            }
+            match core.getattr(ino).await {
+                Ok(a) => reply.attr(&core.ttl(), &to_fuse(&a)),
+                Err(e) => reply.error(log_err("setattr", &e)),
+            }
+        });
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        let core = self.core.clone();
+        self.rt.spawn(async move {
+            match core.readlink(ino).await {
+                Ok(t) => reply.data(t.as_bytes()),
+                Err(e) => reply.error(log_err("readlink", &e)),
+            }
+        });
+    }
+
+    fn mkdir(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let core = self.core.clone();
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(libc::EINVAL);
+        };
+        self.rt.spawn(async move {
+            match core.mkdir(parent, &name).await {
+                Ok(a) => reply.entry(&core.ttl(), &to_fuse(&a), 0),
+                Err(e) => reply.error(log_err("mkdir", &e)),
+            }
+        });
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(libc::EROFS);
+        }
+        let core = self.core.clone();
+        let passthrough = self.passthrough.clone();
+        let backing = self.backing.clone();
+        self.rt.spawn(async move {
+            let (fh, handle) = match core.open(ino).await {
+                Ok(v) => v,
+                Err(e) => return reply.error(log_err("open", &e)),
+            };
+            if handle.direct_io() {
+                return reply.opened(fh, consts::FOPEN_DIRECT_IO);
+            }
+            if passthrough.load(Ordering::Relaxed) {
+                if let Some(file) = handle.backing_file() {
+                    match reply.open_backing(file) {
+                        Ok(id) => {
+                            reply.opened_passthrough(fh, 0, &id);
+                            backing
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(fh, id);
+                            return;
+                        }
+                        Err(e) => {
+                            passthrough.store(false, Ordering::Relaxed);
+                            tracing::warn!(
+                                "FUSE passthrough refused ({e}); serving with pread from now on"
+                            );
+                        }
+                    }
+                }
+            }
+            reply.opened(fh, consts::FOPEN_KEEP_CACHE);
+        });
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let core = self.core.clone();
+        self.rt
+            .spawn_blocking(move || match core.read(fh, offset.max(0) as u64, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(log_err("read", &e)),
+            });
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.backing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh);
+        self.core.release(fh);
+        reply.ok();
+    }
+
+    fn flush(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _lock_owner: u64,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
+        reply.opened(0, 0);
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        let core = self.core.clone();
+        self.rt.spawn(async move {
+            match core.readdir(ino).await {
+                Ok(entries) => {
+                    for (i, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
+                        if reply.add(e.ino, (i + 1) as i64, file_type(e.kind), &e.name) {
+                            break;
+                        }
+                    }
+                    reply.ok();
+                }
+                Err(e) => reply.error(log_err("readdir", &e)),
+            }
+        });
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        let (used, limit, count) = self.core.cache().usage();
+        let bsize = 4096u64;
+        let blocks = limit.max(used) / bsize;
+        let free = limit.saturating_sub(used) / bsize;
+        reply.statfs(
+            blocks,
+            free,
+            free,
+            count as u64,
+            u64::MAX / 2,
+            bsize as u32,
+            255,
+            bsize as u32,
+        );
+    }
+
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let core = self.core.clone();
+        let name = name.to_string_lossy().into_owned();
+        self.rt.spawn(async move {
+            let attrs = match core.xattrs(ino).await {
+                Ok(a) => a,
+                Err(e) => return reply.error(log_err("getxattr", &e)),
+            };
+            match attrs.into_iter().find(|(n, _)| *n == name) {
+                None => reply.error(libc::ENODATA),
+                Some((_, v)) => xattr_reply(reply, size, &v),
+            }
+        });
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        let core = self.core.clone();
+        self.rt.spawn(async move {
+            match core.xattrs(ino).await {
+                Ok(a) => xattr_reply(reply, size, &crate::fs::xattr::listing(&a)),
+                Err(e) => reply.error(log_err("listxattr", &e)),
+            }
+        });
+    }
+
+    fn access(&mut self, _req: &Request<'_>, _ino: u64, mask: i32, reply: ReplyEmpty) {
+        if mask & libc::W_OK != 0 {
+            reply.error(libc::EROFS);
+        } else {
+            reply.ok();
+        }
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(libc::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    pub read_only: bool,
+    pub passthrough: bool,
+}
+
+/// Why a mount could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("FUSE is not available: /dev/fuse is missing (load the fuse module or install fuse3)")]
+    NoFuse,
+    #[error("cannot mount on {path}: {source}{hint}")]
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("{0}: mountpoint does not exist or is not a directory")]
+    BadMountpoint(PathBuf),
+}
+
+/// Mounts and returns the session; the caller runs it (`session.run()`).
+pub fn mount(fs: FuseFs, cfg: &MountConfig) -> Result<fuser::Session<FuseFs>, MountError> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::NoFuse);
+    }
+    if !cfg.mountpoint.is_dir() {
+        return Err(MountError::BadMountpoint(cfg.mountpoint.clone()));
+    }
+    let mut options = vec![
+        MountOption::FSName("shacachefs".into()),
+        MountOption::Subtype("shacachefs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    if cfg.allow_other {
+        options.push(MountOption::AllowOther);
+    }
+    if cfg.read_only {
+        options.push(MountOption::RO);
+    }
+    fuser::Session::new(fs, &cfg.mountpoint, &options).map_err(|source| {
+        let hint = match source.raw_os_error() {
+            Some(libc::EBUSY) => " (mountpoint busy: already mounted?)",
+            Some(libc::EPERM) | Some(libc::EACCES) => {
+                " (permission denied: run as root, or install fuse3 for fusermount3)"
+            }
+            _ => "",
+        };
+        MountError::Mount {
+            path: cfg.mountpoint.clone(),
+            source,
+            hint,
+        }
+    })
+}
+
+/// Kernel TTL used when nothing better is known.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
