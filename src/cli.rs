@@ -209,6 +209,12 @@ pub struct MountArgs {
     /// Where the daemon writes its log (default: nowhere once detached).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Metadata added to every entry published through the mount (repeatable).
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+    /// Retry pending uploads in the background (bounded backoff).
+    #[arg(long)]
+    pub retry_uploads: bool,
     /// Set by `-o ro`.
     #[arg(skip)]
     pub options_ro: bool,

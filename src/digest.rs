@@ -233,6 +233,17 @@ impl HashedFile {
     }
 }
 
+/// Adopts a file the caller hashed itself, while holding a lock that kept it unchanged
+/// (a staged upload just published): it becomes a [`VerifiedFile`] without a second
+/// read of possibly gigabytes. Crate-private so only such callers can vouch for a file.
+pub(crate) fn adopt_hashed(path: PathBuf, sha: Sha512, len: u64) -> io::Result<VerifiedFile> {
+    Ok(VerifiedFile {
+        path: TempPath::try_from_path(path)?,
+        sha,
+        len,
+    })
+}
+
 /// A download that failed verification, or the I/O that stopped it.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {

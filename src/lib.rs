@@ -15,6 +15,8 @@ pub mod filter;
 pub mod fs;
 pub mod mount;
 pub mod naming;
+pub mod outbox;
+pub mod publish;
 pub mod pyjson;
 pub mod remote;
 pub mod server;

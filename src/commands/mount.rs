@@ -41,6 +41,8 @@ pub fn apply_options(args: &mut MountArgs) -> Result<()> {
             "require_signature" => args.require_signature = true,
             "no_passthrough" => args.no_passthrough = true,
             "foreground" => args.foreground = true,
+            "retry_uploads" => args.retry_uploads = true,
+            "meta" => args.meta.push(need(&value)?),
             "cache_dir" => args.cache_dir = Some(PathBuf::from(need(&value)?)),
             "cache_size" => {
                 args.cache_size = parse_size(&need(&value)?).map_err(anyhow::Error::msg)?
@@ -188,6 +190,31 @@ pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> 
     Ok(())
 }
 
+/// `--retry-uploads`: publishes pending files with a backoff from 15 s doubling to
+/// 15 min, for at most 12 rounds (about 2 h), then stops and says so.
+async fn retry_loop(core: std::sync::Arc<Core>) {
+    let mut delay = Duration::from_secs(15);
+    for _ in 0..12 {
+        tokio::time::sleep(delay).await;
+        if core.pending_count() == 0 {
+            delay = Duration::from_secs(15);
+            continue;
+        }
+        let (ok, failed) = core.retry_pending().await;
+        if ok > 0 || failed > 0 {
+            tracing::info!("retrying pending uploads: {ok} published, {failed} failed");
+        }
+        delay = if failed > 0 {
+            (delay * 2).min(Duration::from_secs(900))
+        } else {
+            Duration::from_secs(15)
+        };
+    }
+    if core.pending_count() > 0 {
+        tracing::warn!("stopped retrying pending uploads; use `shacachefs outbox retry`");
+    }
+}
+
 type Started = (
     (
         fuser::Session<FuseFs>,
@@ -230,11 +257,28 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
             cfg.source.display()
         );
     }
+    let extra_meta = super::upload::collect_metadata(None, &args.meta)?;
+    let writable = if args.options_ro {
+        false
+    } else if !client.remote.can_upload() {
+        eprintln!("shacachefs: no upload-cache-url/upload-dir-url: the mount is read-only");
+        false
+    } else if !client.verifier.is_empty() && client.signer.is_none() {
+        eprintln!(
+            "shacachefs: certificates are configured but no signature-private-key-file: the mount is read-only (unsigned uploads would be invisible)"
+        );
+        false
+    } else {
+        if client.signer.is_none() {
+            eprintln!("shacachefs: no signature-private-key-file: entries written here are published UNSIGNED");
+        }
+        true
+    };
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let cache = Cache::open(CacheOptions {
         dir: cache_dir.clone(),
         max_bytes: args.cache_size,
-        namespace,
+        namespace: namespace.clone(),
     })?;
     let mut keys = args.keys.clone();
     if let Some(k) = &cfg.slapcache_key {
@@ -252,6 +296,9 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
             uid,
             gid,
             probe_concurrency: 16,
+            writable,
+            extra_meta,
+            namespace,
         },
     );
     let fs = FuseFs::new(
@@ -264,11 +311,23 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
         &MountConfig {
             mountpoint: args.mountpoint.clone(),
             allow_other: args.allow_other,
-            // Writing through the mount is not implemented yet: always read-only.
-            read_only: true,
+            read_only: !writable,
             passthrough: !args.no_passthrough,
         },
     )?;
-    let note = format!(" (cache {}, read-only)", cache_dir.display());
+    let notifier = session.notifier();
+    core.set_invalidator(Box::new(move |parent, name| {
+        if let Err(e) = notifier.inval_entry(parent, std::ffi::OsStr::new(name)) {
+            tracing::debug!("invalidating {name}: {e}");
+        }
+    }));
+    if args.retry_uploads && writable {
+        tokio::spawn(retry_loop(core.clone()));
+    }
+    let note = format!(
+        " (cache {}, {})",
+        cache_dir.display(),
+        if writable { "writable" } else { "read-only" }
+    );
     Ok(((session, core, server), note))
 }

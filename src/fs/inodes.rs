@@ -30,6 +30,8 @@ pub enum Node {
     EntriesJson(String),
     /// `/.sha512/<hex>`
     Blob(Sha512),
+    /// A file written into a key directory, staged in the outbox (by item id).
+    Staged(String),
 }
 
 /// Node ↔ inode number. Numbers are never reused within a mount.

@@ -21,6 +21,7 @@
 pub mod error;
 pub mod flight;
 pub mod inodes;
+mod write;
 pub mod xattr;
 
 use crate::cache::{BlobPin, Cache};
@@ -57,6 +58,12 @@ pub struct FsOptions {
     pub gid: u32,
     /// Size probes in flight at once.
     pub probe_concurrency: usize,
+    /// Files can be created in key directories and are published on close.
+    pub writable: bool,
+    /// Extra metadata added to every published entry (`--meta k=v`).
+    pub extra_meta: serde_json::Map<String, Value>,
+    /// The shadir server this mount shows (outbox items record it).
+    pub namespace: String,
 }
 
 impl Default for FsOptions {
@@ -68,6 +75,9 @@ impl Default for FsOptions {
             uid: 0,
             gid: 0,
             probe_concurrency: 16,
+            writable: false,
+            extra_meta: serde_json::Map::new(),
+            namespace: String::new(),
         }
     }
 }
@@ -132,6 +142,8 @@ pub enum Handle {
     },
     /// Generated content (`.entries.json`), a snapshot taken at open.
     Memory(Arc<Vec<u8>>),
+    /// A staged file being written (see `write`).
+    Staged(Mutex<write::StagedHandle>),
 }
 
 impl Handle {
@@ -139,12 +151,12 @@ impl Handle {
     pub fn backing_file(&self) -> Option<&File> {
         match self {
             Handle::Blob { file, .. } => Some(file),
-            Handle::Memory(_) => None,
+            Handle::Memory(_) | Handle::Staged(_) => None,
         }
     }
-    /// Generated content has no stable size: read it with direct I/O.
+    /// Generated content and files being written have no stable size: direct I/O.
     pub fn direct_io(&self) -> bool {
-        matches!(self, Handle::Memory(_))
+        matches!(self, Handle::Memory(_) | Handle::Staged(_))
     }
 }
 
@@ -175,8 +187,14 @@ pub struct Core {
     next_fh: AtomicU64,
     started: SystemTime,
     logged_hidden: Mutex<HashSet<(String, String)>>,
+    outbox: Option<crate::outbox::Outbox>,
+    staging: Mutex<write::Staging>,
+    invalidator: std::sync::OnceLock<Invalidator>,
     pub stats: Stats,
 }
+
+/// Tells the kernel to forget a name in a directory (set by the FUSE adapter).
+pub type Invalidator = Box<dyn Fn(u64, &str) + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -217,7 +235,18 @@ fn listing_body(l: &Listing) -> Vec<u8> {
 impl Core {
     pub fn new(client: Client, cache: Arc<Cache>, opts: FsOptions) -> Arc<Core> {
         let probes = Arc::new(Semaphore::new(opts.probe_concurrency.max(1)));
+        let outbox = match crate::outbox::Outbox::open(cache.dir()) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::error!("outbox in {}: {e}: writing disabled", cache.dir().display());
+                None
+            }
+        };
+        let staging = Mutex::new(write::Staging::load(outbox.as_ref(), &opts.namespace));
         Arc::new(Core {
+            outbox,
+            staging,
+            invalidator: std::sync::OnceLock::new(),
             client,
             cache,
             probes,
@@ -327,15 +356,32 @@ impl Core {
 
     /// The trusted, named entries of a key; `None` when shadir does not know the key.
     pub async fn listing(self: &Arc<Self>, key: &str) -> Result<Option<Arc<KeyListing>>, FsError> {
-        if let Some(r) = self.fresh_state(key) {
-            return Ok(r);
+        self.fetch_listing(key, false).await
+    }
+
+    /// Asks shadir again now, whatever the TTL (after a write through this mount).
+    pub async fn refresh(self: &Arc<Self>, key: &str) -> Result<Option<Arc<KeyListing>>, FsError> {
+        self.fetch_listing(key, true).await
+    }
+
+    async fn fetch_listing(
+        self: &Arc<Self>,
+        key: &str,
+        force: bool,
+    ) -> Result<Option<Arc<KeyListing>>, FsError> {
+        if !force {
+            if let Some(r) = self.fresh_state(key) {
+                return Ok(r);
+            }
         }
         let _guard = self.key_locks.lock(&key.to_string()).await;
-        if let Some(r) = self.fresh_state(key) {
-            return Ok(r);
+        if !force {
+            if let Some(r) = self.fresh_state(key) {
+                return Ok(r);
+            }
         }
         // A fresh answer saved by an earlier mount spares a request.
-        if self.stale_listing(key).is_none() {
+        if !force && self.stale_listing(key).is_none() {
             if let Some((when, Some(body))) = self.cache.dir_answer(key) {
                 let age = SystemTime::now()
                     .duration_since(when)
@@ -611,6 +657,9 @@ impl Core {
                 }
             }
             Node::Key(key) => {
+                if let Some(id) = self.staged_id(&key, name) {
+                    return self.staged_attr(&id);
+                }
                 let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
                 self.key_child_attr(&key, &listing, name).await
             }
@@ -680,6 +729,7 @@ impl Core {
                 };
                 self.key_child_attr(&key, &listing, name).await
             }
+            Node::Staged(id) => self.staged_attr(&id),
         }
     }
 
@@ -728,6 +778,15 @@ impl Core {
                         kind: Kind::File,
                     });
                 }
+                let staged = self.staged_in(&key);
+                out.retain(|e| !staged.iter().any(|(n, _)| *n == e.name));
+                for (name, id) in staged {
+                    out.push(DirEntry {
+                        ino: self.ino(&Node::Staged(id)),
+                        name,
+                        kind: Kind::File,
+                    });
+                }
                 if listing.latest.is_some() {
                     out.push(DirEntry {
                         ino: self.ino(&Node::Latest(key.clone())),
@@ -772,13 +831,25 @@ impl Core {
                 let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
                 Handle::Memory(listing.entries_json.clone())
             }
+            Node::Staged(id) => self.open_staged(&id, false)?,
             Node::Root | Node::ShaDir | Node::Key(_) => return Err(FsError::IsDir),
             Node::Latest(_) => return Err(FsError::Invalid("symbolic link")),
         };
+        Ok(self.add_handle(handle))
+    }
+
+    fn add_handle(&self, handle: Handle) -> (u64, Arc<Handle>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(handle);
         lock(&self.handles).insert(fh, handle.clone());
-        Ok((fh, handle))
+        (fh, handle)
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
+        lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
     }
 
     async fn open_blob(&self, sha: &Sha512, what: &str) -> Result<Handle, FsError> {
@@ -831,10 +902,11 @@ impl Core {
                 let end = (start + size as usize).min(data.len());
                 Ok(data[start..end].to_vec())
             }
+            Handle::Staged(h) => write::read_staged(&lock(h).file, offset, size),
         }
     }
 
-    /// `release(fh)`: unpins the blob.
+    /// `release(fh)`: unpins the blob, forgets the handle.
     pub fn release(&self, fh: u64) {
         lock(&self.handles).remove(&fh);
     }
@@ -881,6 +953,12 @@ impl Core {
                     ),
                 ])
             }
+            Node::Staged(id) => Ok(vec![(
+                "user.shacachefs.pending".into(),
+                self.staged_error(&id)
+                    .unwrap_or_else(|| "not published yet".into())
+                    .into_bytes(),
+            )]),
             Node::ShaDir | Node::Key(_) | Node::Latest(_) | Node::EntriesJson(_) => Ok(Vec::new()),
         }
     }

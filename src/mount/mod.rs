@@ -8,8 +8,9 @@
 use crate::fs::{Attr, Core, FsError, Kind};
 use fuser::BackingId;
 use fuser::{
-    consts, FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    consts, FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -87,6 +88,8 @@ impl Filesystem for FuseFs {
             .or_else(|max| config.set_max_readahead(max));
         let _ = config.add_capabilities(consts::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(consts::FUSE_CACHE_SYMLINKS);
+        // O_TRUNC arrives with open (else the kernel sends a separate setattr(size=0)).
+        let _ = config.add_capabilities(consts::FUSE_ATOMIC_O_TRUNC);
         if self.want_passthrough {
             let granted = config.add_capabilities(consts::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
@@ -146,11 +149,12 @@ impl Filesystem for FuseFs {
     ) {
         let core = self.core.clone();
         self.rt.spawn(async move {
-            // Mode, owner and time changes are accepted and ignored; sizes cannot change.
-            if size.is_some() {
-                return reply.error(libc::EROFS);
-            }
-            match core.getattr(ino).await {
+            // Mode, owner and time changes are accepted and ignored.
+            let result = match size {
+                Some(size) => core.truncate(ino, size).await,
+                None => core.getattr(ino).await,
+            };
+            match result {
                 Ok(a) => reply.attr(&core.ttl(), &to_fuse(&a)),
                 Err(e) => reply.error(log_err("setattr", &e)),
             }
@@ -189,10 +193,17 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY {
-            return reply.error(libc::EROFS);
-        }
         let core = self.core.clone();
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            let truncate = flags & libc::O_TRUNC != 0;
+            self.rt.spawn(async move {
+                match core.open_write(ino, truncate).await {
+                    Ok((fh, _)) => reply.opened(fh, consts::FOPEN_DIRECT_IO),
+                    Err(e) => reply.error(log_err("open", &e)),
+                }
+            });
+            return;
+        }
         let passthrough = self.passthrough.clone();
         let backing = self.backing.clone();
         self.rt.spawn(async move {
@@ -260,19 +271,123 @@ impl Filesystem for FuseFs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh);
-        self.core.release(fh);
-        reply.ok();
+        let core = self.core.clone();
+        self.rt.spawn(async move {
+            core.release_handle(fh).await;
+            reply.ok();
+        });
     }
 
     fn flush(
         &mut self,
         _req: &Request<'_>,
         _ino: u64,
-        _fh: u64,
+        fh: u64,
         _lock_owner: u64,
         reply: ReplyEmpty,
     ) {
+        let core = self.core.clone();
+        self.rt.spawn(async move {
+            match core.flush(fh).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(log_err("flush", &e)),
+            }
+        });
+    }
+
+    fn fsync(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Staged data is synced when published; nothing else is ever dirty.
         reply.ok();
+    }
+
+    fn create(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let core = self.core.clone();
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(libc::EINVAL);
+        };
+        self.rt.spawn(async move {
+            match core.create(parent, &name).await {
+                Ok((a, fh, _)) => {
+                    reply.created(&core.ttl(), &to_fuse(&a), 0, fh, consts::FOPEN_DIRECT_IO)
+                }
+                Err(e) => reply.error(log_err("create", &e)),
+            }
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        // The data is in the session's buffer: write it before returning.
+        match self.core.write(fh, offset.max(0) as u64, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(log_err("write", &e)),
+        }
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let core = self.core.clone();
+        let name = name.to_string_lossy().into_owned();
+        self.rt.spawn(async move {
+            match core.unlink(parent, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(log_err("unlink", &e)),
+            }
+        });
+    }
+
+    fn rmdir(&mut self, _req: &Request<'_>, _parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        tracing::info!("rmdir {name:?}: shadir has no delete");
+        reply.error(libc::EPERM);
+    }
+
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        _flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let core = self.core.clone();
+        let (name, newname) = (
+            name.to_string_lossy().into_owned(),
+            newname.to_string_lossy().into_owned(),
+        );
+        self.rt.spawn(async move {
+            match core.rename(parent, &name, newparent, &newname).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(log_err("rename", &e)),
+            }
+        });
     }
 
     fn opendir(&mut self, _req: &Request<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
@@ -352,12 +467,8 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn access(&mut self, _req: &Request<'_>, _ino: u64, mask: i32, reply: ReplyEmpty) {
-        if mask & libc::W_OK != 0 {
-            reply.error(libc::EROFS);
-        } else {
-            reply.ok();
-        }
+    fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
+        reply.ok();
     }
 }
 

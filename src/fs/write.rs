@@ -1,0 +1,572 @@
+//! Writing into a key directory: files are staged in the outbox (any write pattern,
+//! seekable, real size visible) and published when closed, by `flush`, the FUSE call
+//! behind every `close()`; `close()` returns only after the blob and the signed entry
+//! are on the servers, and fails (EACCES, EIO, ENOSPC) with the file kept, intact and
+//! visible as pending, otherwise.
+//!
+//! Rules: names starting with `.` are staged but not published (temporary files of
+//! rsync and editors); renaming one to a plain name publishes it and `rename()` returns
+//! the result. Opening a published name with `O_TRUNC` starts a new staged version;
+//! other changes to published entries are refused (EPERM: shadir has no delete). A
+//! flush with nothing new does nothing. When a file is written again through a handle
+//! whose data was already published (several processes sharing a descriptor), the
+//! published bytes are copied into a new staged version first, so the cached blob is
+//! never modified.
+
+use super::{lock, Attr, Core, FsError, Handle, Invalidator, Kind, Node};
+use crate::digest::adopt_hashed;
+use crate::naming::{unescape, KEY_RESERVED};
+use crate::outbox::Outbox;
+use crate::publish::{publish, PublishError};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+/// A staged file's state in this mount.
+#[derive(Debug, Clone)]
+pub struct StagedInfo {
+    pub key: String,
+    pub name: String,
+    pub last_error: Option<String>,
+    /// Written since it was last published (or never published).
+    pub dirty: bool,
+    /// Data was written (or the size set) at least once.
+    pub written: bool,
+}
+
+/// The staged files of this mount's namespace.
+#[derive(Debug, Default)]
+pub struct Staging {
+    by_name: HashMap<(String, String), String>,
+    items: HashMap<String, StagedInfo>,
+}
+
+impl Staging {
+    /// Pending items left by earlier runs (for this server), reported at mount time.
+    pub fn load(outbox: Option<&Outbox>, namespace: &str) -> Staging {
+        let mut s = Staging::default();
+        let Some(outbox) = outbox else {
+            return s;
+        };
+        let (items, broken) = outbox.list();
+        for id in broken {
+            tracing::warn!("outbox item {id}: unreadable metadata; see `shacachefs outbox list`");
+        }
+        let mut n = 0;
+        for item in items.into_iter().filter(|i| i.meta.namespace == namespace) {
+            n += 1;
+            s.insert(
+                item.id,
+                StagedInfo {
+                    key: item.meta.key,
+                    name: item.meta.name,
+                    last_error: item.meta.last_error,
+                    dirty: true,
+                    written: true,
+                },
+            );
+        }
+        if n > 0 {
+            tracing::warn!(
+                "{n} upload(s) pending in the outbox {} (shacachefs outbox list)",
+                outbox.dir().display()
+            );
+        }
+        s
+    }
+
+    fn insert(&mut self, id: String, info: StagedInfo) {
+        self.by_name
+            .insert((info.key.clone(), info.name.clone()), id.clone());
+        self.items.insert(id, info);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<StagedInfo> {
+        let info = self.items.remove(id)?;
+        let k = (info.key.clone(), info.name.clone());
+        if self.by_name.get(&k).map(String::as_str) == Some(id) {
+            self.by_name.remove(&k);
+        }
+        Some(info)
+    }
+}
+
+/// An open staged file.
+pub struct StagedHandle {
+    pub id: String,
+    pub key: String,
+    pub name: String,
+    pub file: File,
+}
+
+/// Reads from a staged file.
+pub fn read_staged(file: &File, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    let mut buf = vec![0u8; size as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+fn publish_errno(e: PublishError) -> FsError {
+    match e {
+        PublishError::Remote(r) => FsError::Remote(r),
+        PublishError::Io(io) => FsError::Io(io),
+        PublishError::Busy | PublishError::Gone(_) => {
+            FsError::Io(std::io::Error::other(e.to_string()))
+        }
+    }
+}
+
+impl Core {
+    /// Set by the FUSE adapter once the session exists.
+    pub fn set_invalidator(&self, f: Invalidator) {
+        let _ = self.invalidator.set(f);
+    }
+
+    fn writable_outbox(&self) -> Result<&Outbox, FsError> {
+        match &self.outbox {
+            Some(o) if self.opts.writable => Ok(o),
+            _ => Err(FsError::ReadOnly),
+        }
+    }
+
+    pub(super) fn staged_in(&self, key: &str) -> Vec<(String, String)> {
+        let st = lock(&self.staging);
+        let mut v: Vec<(String, String)> = st
+            .by_name
+            .iter()
+            .filter(|((k, _), _)| k == key)
+            .map(|((_, n), id)| (n.clone(), id.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub(super) fn staged_id(&self, key: &str, name: &str) -> Option<String> {
+        lock(&self.staging)
+            .by_name
+            .get(&(key.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    pub(super) fn staged_error(&self, id: &str) -> Option<String> {
+        lock(&self.staging)
+            .items
+            .get(id)
+            .and_then(|i| i.last_error.clone())
+    }
+
+    pub(super) fn staged_attr(&self, id: &str) -> Result<Attr, FsError> {
+        let outbox = self.outbox.as_ref().ok_or(FsError::NotFound)?;
+        let md = std::fs::metadata(outbox.data_path(id)).map_err(|_| FsError::NotFound)?;
+        let ino = self.ino(&Node::Staged(id.to_string()));
+        Ok(Attr {
+            perm: 0o644,
+            ..self.file_attr(
+                ino,
+                md.len(),
+                md.modified().unwrap_or_else(|_| SystemTime::now()),
+            )
+        })
+    }
+
+    pub(super) fn open_staged(&self, id: &str, truncate: bool) -> Result<Handle, FsError> {
+        let outbox = self.outbox.as_ref().ok_or(FsError::NotFound)?;
+        let info = lock(&self.staging)
+            .items
+            .get(id)
+            .cloned()
+            .ok_or(FsError::NotFound)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(self.opts.writable)
+            .open(outbox.data_path(id))?;
+        if truncate {
+            file.set_len(0)?;
+            self.mark_dirty(id);
+        }
+        Ok(Handle::Staged(Mutex::new(StagedHandle {
+            id: id.to_string(),
+            key: info.key,
+            name: info.name,
+            file,
+        })))
+    }
+
+    fn mark_dirty(&self, id: &str) {
+        if let Some(i) = lock(&self.staging).items.get_mut(id) {
+            i.dirty = true;
+            i.written = true;
+        }
+    }
+
+    /// A new staged item for `key`/`name`, replacing any staged one of that name.
+    fn stage(&self, key: &str, name: &str) -> Result<(String, File), FsError> {
+        let outbox = self.writable_outbox()?;
+        let (item, file) = outbox.create(Outbox::new_meta(
+            key,
+            name,
+            &self.opts.namespace,
+            &self.opts.extra_meta,
+        ))?;
+        let old = self.staged_id(key, name);
+        let mut st = lock(&self.staging);
+        if let Some(old) = old {
+            st.remove(&old);
+            let _ = outbox.remove(&old);
+        }
+        st.insert(
+            item.id.clone(),
+            StagedInfo {
+                key: key.to_string(),
+                name: name.to_string(),
+                last_error: None,
+                dirty: true,
+                written: false,
+            },
+        );
+        Ok((item.id, file))
+    }
+
+    fn key_of_dir(&self, parent: u64) -> Result<String, FsError> {
+        match self.node(parent)? {
+            Node::Key(k) => Ok(k),
+            Node::Root | Node::ShaDir => Err(FsError::NotPermitted(
+                "files can only be created inside a key directory",
+            )),
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    /// `create(parent, name)`: a new staged file, open for writing.
+    pub async fn create(
+        self: &Arc<Self>,
+        parent: u64,
+        name: &str,
+    ) -> Result<(Attr, u64, Arc<Handle>), FsError> {
+        let key = self.key_of_dir(parent)?;
+        self.writable_outbox()?;
+        if KEY_RESERVED.contains(&name) {
+            return Err(FsError::NotPermitted("reserved name"));
+        }
+        // A name shown escaped (`a%2Fb`) is written back under what it stands for.
+        let file_name = unescape(name, KEY_RESERVED).unwrap_or_else(|| name.to_string());
+        let (id, file) = self.stage(&key, &file_name)?;
+        let handle = Handle::Staged(Mutex::new(StagedHandle {
+            id: id.clone(),
+            key,
+            name: file_name,
+            file,
+        }));
+        let (fh, h) = self.add_handle(handle);
+        Ok((self.staged_attr(&id)?, fh, h))
+    }
+
+    /// `open` for writing: staged files as they are (or truncated); a published entry
+    /// only with `O_TRUNC`, which starts a new staged version.
+    pub async fn open_write(
+        self: &Arc<Self>,
+        ino: u64,
+        truncate: bool,
+    ) -> Result<(u64, Arc<Handle>), FsError> {
+        self.writable_outbox()?;
+        let handle = match self.node(ino)? {
+            Node::Staged(id) => self.open_staged(&id, truncate)?,
+            Node::Entry { key, name, .. } => {
+                if !truncate {
+                    tracing::info!("key {key}: {name}: published entries cannot be modified (open with O_TRUNC to write a new version)");
+                    return Err(FsError::NotPermitted("published entries are immutable"));
+                }
+                let (id, file) = self.stage(&key, &name)?;
+                Handle::Staged(Mutex::new(StagedHandle {
+                    id,
+                    key,
+                    name,
+                    file,
+                }))
+            }
+            Node::Root | Node::ShaDir | Node::Key(_) => return Err(FsError::IsDir),
+            _ => return Err(FsError::NotPermitted("read-only file")),
+        };
+        Ok(self.add_handle(handle))
+    }
+
+    /// `write(fh, offset, data)`.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let handle = self.handle(fh)?;
+        let Handle::Staged(m) = &*handle else {
+            return Err(FsError::BadHandle);
+        };
+        let mut h = lock(m);
+        if !lock(&self.staging).items.contains_key(&h.id) {
+            // Already published (or dropped): copy into a new staged version first.
+            let (id, file) = self.stage(&h.key.clone(), &h.name.clone())?;
+            let mut src = h.file.try_clone()?;
+            let mut dst = file.try_clone()?;
+            std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
+            std::io::copy(&mut src, &mut dst)?;
+            h.id = id;
+            h.file = file;
+        }
+        h.file.write_all_at(data, offset)?;
+        self.mark_dirty(&h.id);
+        Ok(data.len() as u32)
+    }
+
+    /// `setattr(size)`: staged files may change size; published ones may not.
+    pub async fn truncate(self: &Arc<Self>, ino: u64, size: u64) -> Result<Attr, FsError> {
+        match self.node(ino)? {
+            Node::Staged(id) => {
+                let outbox = self.writable_outbox()?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(outbox.data_path(&id))?
+                    .set_len(size)?;
+                self.mark_dirty(&id);
+                self.staged_attr(&id)
+            }
+            Node::Entry { key, name, .. } => {
+                tracing::info!("key {key}: {name}: cannot change the size of a published entry");
+                Err(FsError::NotPermitted("published entries are immutable"))
+            }
+            _ => Err(FsError::NotPermitted("cannot change this file's size")),
+        }
+    }
+
+    /// `flush(fh)` (every `close()`): publishes new data of a staged file.
+    pub async fn flush(self: &Arc<Self>, fh: u64) -> Result<(), FsError> {
+        let handle = self.handle(fh)?;
+        let Handle::Staged(m) = &*handle else {
+            return Ok(());
+        };
+        let id = {
+            let h = lock(m);
+            h.file.sync_data()?;
+            h.id.clone()
+        };
+        let (dirty, written, name) = match lock(&self.staging).items.get(&id) {
+            Some(i) => (i.dirty, i.written, i.name.clone()),
+            None => return Ok(()),
+        };
+        // A new file nobody wrote to yet is published when its last descriptor goes
+        // (release): `echo x > f` closes a duplicate descriptor before writing, and that
+        // close must not publish an empty entry.
+        if !dirty || !written || name.starts_with('.') {
+            return Ok(());
+        }
+        self.publish_staged(&id).await
+    }
+
+    /// `release(fh)`: the last descriptor of an open file is gone. A file created and
+    /// closed without data (`touch`, `cp` of an empty file) is published here.
+    pub async fn release_handle(self: &Arc<Self>, fh: u64) {
+        let handle = lock(&self.handles).remove(&fh);
+        let Some(handle) = handle else {
+            return;
+        };
+        let Handle::Staged(m) = &*handle else {
+            return;
+        };
+        let id = lock(m).id.clone();
+        let pending = match lock(&self.staging).items.get(&id) {
+            Some(i) => i.dirty && !i.written && !i.name.starts_with('.'),
+            None => false,
+        };
+        if pending {
+            let _ = self.publish_staged(&id).await;
+        }
+    }
+
+    /// Publishes a staged item; on success its bytes move into the cache.
+    async fn publish_staged(self: &Arc<Self>, id: &str) -> Result<(), FsError> {
+        let outbox = self.writable_outbox()?.clone();
+        let info = lock(&self.staging)
+            .items
+            .get(id)
+            .cloned()
+            .ok_or(FsError::NotFound)?;
+        match publish(&self.client, &outbox, id).await {
+            Ok(p) => {
+                let data = outbox.data_path(id);
+                let kept = adopt_hashed(data, p.sha, p.len)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| self.cache.insert_blob(v).map_err(|e| e.to_string()));
+                if let Err(e) = kept {
+                    tracing::warn!(
+                        "key {}: {}: published, but not kept in the cache: {e}",
+                        p.key,
+                        p.name
+                    );
+                }
+                self.cache.record_size(&p.sha, p.len);
+                self.cache.add_known_key(&p.key);
+                let _ = outbox.remove(id);
+                lock(&self.staging).remove(id);
+                // Show the new entry at once: ask shadir now, then make the kernel forget
+                // what it cached under that name.
+                if let Err(e) = self.refresh(&p.key).await {
+                    tracing::warn!("key {}: refreshing after publishing {}: {e}", p.key, p.name);
+                }
+                tracing::info!(
+                    "key {}: {} published ({} bytes, sha512 {}{})",
+                    p.key,
+                    p.name,
+                    p.len,
+                    p.sha.short(16),
+                    if p.uploaded {
+                        ""
+                    } else {
+                        ", blob already in shacache"
+                    }
+                );
+                self.invalidate(&p.key, &p.name);
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(
+                    "key {}: {}: upload failed: {msg}; the file is kept in the outbox at {} (shacachefs outbox list / retry)",
+                    info.key,
+                    info.name,
+                    outbox.data_path(id).display()
+                );
+                if let Some(i) = lock(&self.staging).items.get_mut(id) {
+                    i.last_error = Some(msg);
+                }
+                Err(publish_errno(e))
+            }
+        }
+    }
+
+    /// Tells the kernel, from another task (never inside the request that caused it:
+    /// the kernel may hold the directory's lock until we answer), to forget a name.
+    fn invalidate(self: &Arc<Self>, key: &str, name: &str) {
+        let core = self.clone();
+        let parent = self.ino(&Node::Key(key.to_string()));
+        let escaped = crate::naming::escape(name, KEY_RESERVED);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Some(f) = core.invalidator.get() {
+                    f(parent, &escaped);
+                }
+            });
+        }
+    }
+
+    /// `unlink`: drops a pending file; published entries cannot be removed.
+    pub async fn unlink(self: &Arc<Self>, parent: u64, name: &str) -> Result<(), FsError> {
+        let key = self.key_of_dir(parent)?;
+        if let Some(id) = self.staged_id(&key, name) {
+            let outbox = self.outbox.as_ref().ok_or(FsError::ReadOnly)?;
+            lock(&self.staging).remove(&id);
+            outbox.remove(&id)?;
+            tracing::info!("key {key}: {name}: pending upload dropped");
+            return Ok(());
+        }
+        match self.listing(&key).await? {
+            Some(l)
+                if l.files.contains_key(name) || name == "latest" || name == ".entries.json" =>
+            {
+                tracing::info!(
+                    "key {key}: {name}: shadir has no delete; published entries cannot be removed"
+                );
+                Err(FsError::NotPermitted("published entries cannot be removed"))
+            }
+            _ => Err(FsError::NotFound),
+        }
+    }
+
+    /// `rename`: only a staged file, within its key directory. A dot-name renamed to a
+    /// plain name is published, and the rename returns the result.
+    pub async fn rename(
+        self: &Arc<Self>,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+    ) -> Result<(), FsError> {
+        let key = self.key_of_dir(parent)?;
+        let newkey = self.key_of_dir(newparent)?;
+        let outbox = self.writable_outbox()?.clone();
+        let Some(id) = self.staged_id(&key, name) else {
+            tracing::info!("key {key}: {name}: published entries cannot be renamed");
+            return Err(FsError::NotPermitted("published entries cannot be renamed"));
+        };
+        if newkey != key {
+            return Err(FsError::NotPermitted("files cannot move between keys"));
+        }
+        if KEY_RESERVED.contains(&newname) {
+            return Err(FsError::NotPermitted("reserved name"));
+        }
+        let file_name = unescape(newname, KEY_RESERVED).unwrap_or_else(|| newname.to_string());
+        {
+            let mut st = lock(&self.staging);
+            if let Some(old) = st.by_name.get(&(key.clone(), file_name.clone())).cloned() {
+                if old != id {
+                    st.remove(&old);
+                    let _ = outbox.remove(&old);
+                }
+            }
+            let mut info = st.remove(&id).ok_or(FsError::NotFound)?;
+            info.name = file_name.clone();
+            st.insert(id.clone(), info);
+        }
+        let mut item = outbox.get(&id).ok_or(FsError::NotFound)?;
+        item.meta.name = file_name.clone();
+        item.meta.entry = None;
+        item.meta.sha512 = None;
+        outbox.save(&item)?;
+        if file_name.starts_with('.') {
+            return Ok(());
+        }
+        self.mark_dirty(&id);
+        self.publish_staged(&id).await
+    }
+
+    /// Publishes every pending item that no handle has open (`--retry-uploads`).
+    /// Returns (published, failed).
+    pub async fn retry_pending(self: &Arc<Self>) -> (usize, usize) {
+        let open: Vec<String> = lock(&self.handles)
+            .values()
+            .filter_map(|h| match &**h {
+                Handle::Staged(m) => Some(lock(m).id.clone()),
+                _ => None,
+            })
+            .collect();
+        let ids: Vec<String> = lock(&self.staging)
+            .items
+            .iter()
+            .filter(|(id, i)| i.dirty && !i.name.starts_with('.') && !open.contains(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let (mut ok, mut failed) = (0, 0);
+        for id in ids {
+            match self.publish_staged(&id).await {
+                Ok(()) => ok += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (ok, failed)
+    }
+
+    /// Number of staged items (for `status`).
+    pub fn pending_count(&self) -> usize {
+        lock(&self.staging).items.len()
+    }
+}
+
+impl Attr {
+    pub fn is_dir(&self) -> bool {
+        self.kind == Kind::Dir
+    }
+}

@@ -1,0 +1,128 @@
+//! Publishing one outbox item, for the mount's `close()` and for `outbox retry`:
+//! blob first (only a 404 counts as absent, then POST with the echoed hash checked),
+//! entry second (signed, saved in the outbox, then PUT with 201 checked). A failure is
+//! recorded in the item, whose data stays in the outbox untouched.
+
+use crate::client::Client;
+use crate::digest::Sha512;
+use crate::outbox::Outbox;
+use crate::remote::RemoteError;
+use crate::wire::RawEntry;
+use serde_json::{Map, Value};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// What was published.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub sha: Sha512,
+    pub len: u64,
+    pub key: String,
+    pub name: String,
+    pub entry: RawEntry,
+    /// False when shacache already had the blob.
+    pub uploaded: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("staged file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("being published by another process")]
+    Busy,
+    #[error("outbox item {0} is gone")]
+    Gone(String),
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The metadata of a new entry: `file`, `timestamp`, then the mount's extra fields.
+fn entry_metadata(name: &str, extra: &Map<String, Value>) -> Map<String, Value> {
+    let mut meta = Map::new();
+    meta.insert("file".into(), Value::String(name.to_string()));
+    meta.insert("timestamp".into(), Value::from(now()));
+    for (k, v) in extra {
+        if k != "sha512" && k != "file" && k != "timestamp" {
+            meta.insert(k.clone(), v.clone());
+        }
+    }
+    meta
+}
+
+/// Publishes item `id` of `outbox` with `client`.
+pub async fn publish(
+    client: &Client,
+    outbox: &Outbox,
+    id: &str,
+) -> Result<Published, PublishError> {
+    let _lock = outbox.try_lock(id)?.ok_or(PublishError::Busy)?;
+    let mut item = outbox
+        .get(id)
+        .ok_or_else(|| PublishError::Gone(id.to_string()))?;
+    let path = outbox.data_path(id);
+    let p = path.clone();
+    let (sha, len) = tokio::task::spawn_blocking(move || {
+        // Durable before anything leaves the machine.
+        std::fs::File::open(&p)?.sync_all()?;
+        Sha512::of_file(&p)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    let entry = match item.meta.signed_entry() {
+        Some(e) if item.meta.sha512.as_deref() == Some(sha.hex().as_str()) => e,
+        _ => {
+            let e = client.make_entry(&sha, &entry_metadata(&item.meta.name, &item.meta.extra));
+            item.meta.sha512 = Some(sha.hex());
+            item.meta.entry = Some((e.inner.clone(), e.signature.clone()));
+            outbox.save(&item)?;
+            e
+        }
+    };
+    let key = item.meta.key.clone();
+    let attempt = async {
+        let uploaded = client
+            .ensure_blob(&path, &sha, outbox.dir(), &|_, _| {})
+            .await?;
+        client.remote.put_dir(&key, &entry).await?;
+        Ok::<bool, RemoteError>(uploaded)
+    }
+    .await;
+    match attempt {
+        Ok(uploaded) => Ok(Published {
+            sha,
+            len,
+            key,
+            name: item.meta.name.clone(),
+            entry,
+            uploaded,
+        }),
+        Err(e) => {
+            item.meta.last_error = Some(e.to_string());
+            let _ = outbox.save(&item);
+            Err(e.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_order_and_reserved_fields() {
+        let mut extra = Map::new();
+        extra.insert("os".into(), "debian".into());
+        extra.insert("file".into(), "ignored".into());
+        let m = entry_metadata("a.tgz", &extra);
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["file", "timestamp", "os"]);
+        assert_eq!(m["file"], "a.tgz");
+        assert!(m["timestamp"].as_f64().unwrap() > 1.7e9);
+    }
+}
