@@ -54,6 +54,14 @@ pub enum Command {
         shacachefs ls --json -c slapcache.cfg my-key | jq '.[].name'"
     )]
     Ls(LsArgs),
+    /// Files written into a mount that are not published yet (mounted or not).
+    #[command(after_help = "Examples:\n  shacachefs outbox list\n  \
+        shacachefs outbox retry -c /etc/opt/slapcache.cfg\n  \
+        shacachefs outbox drop 18c2f0a1b2c3d-4e5f-0a1b2c3d")]
+    Outbox(OutboxArgs),
+    /// Re-hash every cached blob and remove the ones that do not match their name.
+    #[command(after_help = "Example:\n  shacachefs fsck --cache-dir /var/cache/shacachefs")]
+    Fsck(FsckArgs),
     /// Generate an RSA signing key and a self-signed certificate (generate-signature-key).
     #[command(
         after_help = "Example:\n  shacachefs keygen /etc/opt/slapos/signature.key \"$(hostname)\" --cert-file /etc/opt/slapos/signature.crt\n  \
@@ -242,4 +250,43 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("not a size: {s:?}"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+#[derive(Debug, Args)]
+pub struct OutboxArgs {
+    #[command(subcommand)]
+    pub action: OutboxAction,
+    /// The cache directory holding the outbox (default as for `mount`).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxAction {
+    /// List pending files.
+    List {
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish pending files (all, or the given ids) with a configuration's servers.
+    Retry {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Item ids (default: every item meant for the configured server).
+        ids: Vec<String>,
+    },
+    /// Delete pending files without publishing them.
+    Drop {
+        /// Item ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct FsckArgs {
+    /// The cache directory (default as for `mount`).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
 }

@@ -65,6 +65,8 @@ fn main() -> ExitCode {
             Command::Download(a) => commands::download::run(a).await,
             Command::Ls(a) => commands::ls::run(a).await,
             Command::Keygen(a) => commands::keygen::run(a),
+            Command::Outbox(a) => commands::outbox::run(a).await,
+            Command::Fsck(a) => commands::fsck::run(a),
         }
     });
     match result {

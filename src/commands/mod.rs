@@ -2,9 +2,11 @@
 //! struct from `cli`. Errors are `anyhow` here (and only here and in `main`).
 
 pub mod download;
+pub mod fsck;
 pub mod keygen;
 pub mod ls;
 pub mod mount;
+pub mod outbox;
 pub mod serve;
 pub mod upload;
 

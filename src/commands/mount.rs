@@ -64,7 +64,7 @@ pub fn apply_options(args: &mut MountArgs) -> Result<()> {
     Ok(())
 }
 
-fn default_cache_dir() -> PathBuf {
+pub fn default_cache_dir() -> PathBuf {
     // SAFETY: getuid has no preconditions.
     if unsafe { libc::getuid() } == 0 {
         return PathBuf::from("/var/cache/shacachefs");
@@ -215,6 +215,24 @@ async fn retry_loop(core: std::sync::Arc<Core>) {
     }
 }
 
+/// The configuration to use: `-c`, else a default file, else the embedded default
+/// (whose server is then running). Also the cache namespace it implies.
+pub async fn resolve_config(
+    explicit: Option<PathBuf>,
+) -> Result<(Config, Option<RunningServer>, String)> {
+    match explicit.or_else(Config::find_default) {
+        Some(path) => {
+            let cfg = load_config(Some(&path))?;
+            let ns = cfg.download_dir_url.clone().unwrap_or_default();
+            Ok((cfg, None, ns))
+        }
+        None => {
+            let (cfg, srv, ns) = embedded().await?;
+            Ok((cfg, Some(srv), ns))
+        }
+    }
+}
+
 type Started = (
     (
         fuser::Session<FuseFs>,
@@ -226,18 +244,7 @@ type Started = (
 
 async fn start(args: &mut MountArgs) -> Result<Started> {
     apply_options(args)?;
-    let explicit = args.config.config.clone();
-    let (cfg, server, namespace) = match explicit.or_else(Config::find_default) {
-        Some(path) => {
-            let cfg = load_config(Some(&path))?;
-            let ns = cfg.download_dir_url.clone().unwrap_or_default();
-            (cfg, None, ns)
-        }
-        None => {
-            let (cfg, srv, ns) = embedded().await?;
-            (cfg, Some(srv), ns)
-        }
-    };
+    let (cfg, server, namespace) = resolve_config(args.config.config.clone()).await?;
     let client = client_for(&cfg)?;
     if !client.remote.can_download() {
         bail!(

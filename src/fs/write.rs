@@ -142,10 +142,13 @@ impl Core {
 
     pub(super) fn staged_in(&self, key: &str) -> Vec<(String, String)> {
         let st = lock(&self.staging);
+        let outbox = self.outbox.as_ref();
         let mut v: Vec<(String, String)> = st
             .by_name
             .iter()
             .filter(|((k, _), _)| k == key)
+            // `outbox retry` or `drop` from another process may have taken it.
+            .filter(|(_, id)| outbox.is_some_and(|o| o.data_path(id).exists()))
             .map(|((_, n), id)| (n.clone(), id.clone()))
             .collect();
         v.sort();
