@@ -244,6 +244,11 @@ type Started = (
 
 async fn start(args: &mut MountArgs) -> Result<Started> {
     apply_options(args)?;
+    if !args.mountpoint.exists() {
+        std::fs::create_dir_all(&args.mountpoint)
+            .with_context(|| format!("cannot create the mountpoint {}", args.mountpoint.display()))?;
+        eprintln!("shacachefs: created the mountpoint {}", args.mountpoint.display());
+    }
     let (cfg, server, namespace) = resolve_config(args.config.config.clone()).await?;
     let client = client_for(&cfg)?;
     if !client.remote.can_download() {

@@ -26,7 +26,7 @@ pub mod xattr;
 
 use crate::cache::{BlobPin, Cache};
 use crate::client::{entries_json, select_trusted, Client, TrustedEntry};
-use crate::digest::Sha512;
+use crate::digest::{Sha512, VerifiedFile};
 use crate::naming::{self, key_dir_name, key_from_dir_name, name_entries};
 use crate::pyjson::{dumps_with, Style};
 use crate::remote::{DirListing, Probe, RemoteError};
@@ -557,16 +557,18 @@ impl Core {
         }
     }
 
-    /// Makes sure a blob is in the cache, downloading it (once, whoever else waits).
-    pub async fn ensure_cached(&self, sha: &Sha512, what: &str) -> Result<(), FsError> {
-        if self.cache.lookup_blob(sha).is_some() {
+    /// Opens a cached blob, downloading it first when needed: one download per blob
+    /// however many openers wait (single flight). The downloaded blob is pinned as it
+    /// enters the cache, so eviction cannot take it before this open holds it.
+    async fn cached_or_fetched(&self, sha: &Sha512, what: &str) -> Result<(File, u64, BlobPin), FsError> {
+        if let Some(h) = self.cache.open_blob(sha)? {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return Ok(h);
         }
         let _g = self.blob_locks.lock(sha).await;
-        if self.cache.lookup_blob(sha).is_some() {
+        if let Some(h) = self.cache.open_blob(sha)? {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+            return Ok(h);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = self.cache.size_of(sha) {
@@ -575,52 +577,37 @@ impl Core {
                 return Err(e.into());
             }
         }
-        self.stats
-            .downloads_in_flight
-            .fetch_add(1, Ordering::Relaxed);
+        self.stats.downloads_in_flight.fetch_add(1, Ordering::Relaxed);
         let result = self.download(sha, what).await;
-        self.stats
-            .downloads_in_flight
-            .fetch_sub(1, Ordering::Relaxed);
-        result
+        self.stats.downloads_in_flight.fetch_sub(1, Ordering::Relaxed);
+        let verified = result?;
+        match self.cache.insert_and_open(verified)? {
+            Some(h) => Ok(h),
+            None => Err(FsError::Io(std::io::Error::other("blob vanished from the cache"))),
+        }
     }
 
-    async fn download(&self, sha: &Sha512, what: &str) -> Result<(), FsError> {
+    /// Downloads and verifies a blob; a mismatch is fetched once more, then EIO.
+    async fn download(&self, sha: &Sha512, what: &str) -> Result<VerifiedFile, FsError> {
         let started = Instant::now();
         let progress = |done: u64, total: Option<u64>| {
             tracing::trace!("{what}: {done}/{total:?} bytes");
         };
+        let mut last = None;
         for attempt in 1..=2 {
-            match self
-                .client
-                .remote
-                .fetch_blob(sha, self.cache.tmp_dir(), &progress)
-                .await
-            {
+            match self.client.remote.fetch_blob(sha, self.cache.tmp_dir(), &progress).await {
                 Ok(v) => {
                     let n = v.len();
                     self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
-                    self.cache.insert_blob(v)?;
-                    self.cache.record_size(sha, n);
                     tracing::info!("{what}: fetched {n} bytes in {:.1?}", started.elapsed());
-                    return Ok(());
+                    return Ok(v);
                 }
-                Err(RemoteError::Corrupt {
-                    url,
-                    expected,
-                    actual,
-                }) => {
+                Err(RemoteError::Corrupt { url, expected, actual }) => {
                     tracing::error!(
                         "{what}: downloaded content does not match: expected SHA-512 {expected}, got {actual} ({url}){}",
                         if attempt == 1 { "; retrying once" } else { "" }
                     );
-                    if attempt == 2 {
-                        return Err(FsError::Remote(RemoteError::Corrupt {
-                            url,
-                            expected,
-                            actual,
-                        }));
-                    }
+                    last = Some(RemoteError::Corrupt { url, expected, actual });
                 }
                 Err(e) => {
                     tracing::error!("{what}: download failed: {e}");
@@ -628,7 +615,7 @@ impl Core {
                 }
             }
         }
-        Err(FsError::Invalid("unreachable retry loop"))
+        Err(last.map(FsError::Remote).unwrap_or(FsError::Invalid("download retry")))
     }
 
     // ---- operations ----------------------------------------------------------------
@@ -853,21 +840,8 @@ impl Core {
     }
 
     async fn open_blob(&self, sha: &Sha512, what: &str) -> Result<Handle, FsError> {
-        // A cached blob that turns out unreadable or wrong is dropped by the cache; one
-        // more round fetches it again.
-        for _ in 0..2 {
-            self.ensure_cached(sha, what).await?;
-            if let Some((file, size, pin)) = self.cache.open_blob(sha)? {
-                return Ok(Handle::Blob {
-                    file,
-                    size,
-                    _pin: pin,
-                });
-            }
-        }
-        Err(FsError::Io(std::io::Error::other(
-            "blob vanished from the cache",
-        )))
+        let (file, size, pin) = self.cached_or_fetched(sha, what).await?;
+        Ok(Handle::Blob { file, size, _pin: pin })
     }
 
     /// `read(fh, offset, size)`.

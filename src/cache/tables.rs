@@ -1,0 +1,309 @@
+//! The small persisted tables: blob sizes (global: blobs are named by content), and per
+//! namespace the known keys, the first-seen times and the last shadir answer per key.
+//!
+//! Every file is written atomically ([`super::disk::write_atomic`]). A table that cannot
+//! be read starts empty with a warning: all of it can be found again from the servers.
+//! Before a table is rewritten, the version on disk is read and merged in (entries we do
+//! not have are adopted, ours win), so two processes sharing the directory lose little
+//! and never corrupt anything; the last rename wins.
+//!
+//! Shadir answers are one JSON file per key, `dirs/<first 32 hex of SHA-512(key)>.json`:
+//! `{"key": <key>, "fetched": <unix seconds float>, "status": 200 | 404, "body": <text>}`,
+//! with `"body_base64"` instead of `"body"` when the body is not UTF-8, and no body for
+//! a 404. The key is stored so that a hash-prefix collision reads as a miss.
+
+use super::disk::{from_unix, read_json, to_unix, write_atomic};
+use super::CacheError;
+use crate::digest::Sha512;
+use base64::Engine;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Sizes and first-seen times recorded since the last flush are written at the latest
+/// this long after, on the next call that records one (so a crash loses little).
+const AUTO_FLUSH: Duration = Duration::from_secs(60);
+
+type Seen = HashMap<String, HashMap<Sha512, f64>>;
+
+struct State {
+    sizes: HashMap<Sha512, u64>,
+    sizes_dirty: bool,
+    seen: Seen,
+    seen_dirty: bool,
+    last_flush: Instant,
+}
+
+pub(crate) struct Tables {
+    tmp: PathBuf,
+    sizes_path: PathBuf,
+    keys_path: PathBuf,
+    seen_path: PathBuf,
+    dirs: PathBuf,
+    state: Mutex<State>,
+    keys: Mutex<Vec<String>>,
+    /// Serialises whole flushes (read disk, merge, write) within this process.
+    flush_lock: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn parse_sizes(v: Option<Value>) -> HashMap<Sha512, u64> {
+    let mut out = HashMap::new();
+    if let Some(Value::Object(map)) = v {
+        for (k, v) in map {
+            if let (Ok(sha), Some(n)) = (Sha512::parse(&k), v.as_u64()) {
+                out.insert(sha, n);
+            }
+        }
+    }
+    out
+}
+
+fn parse_seen(v: Option<Value>) -> Seen {
+    let mut out = Seen::new();
+    if let Some(Value::Object(map)) = v {
+        for (key, shas) in map {
+            let Value::Object(shas) = shas else { continue };
+            let times = shas
+                .into_iter()
+                .filter_map(|(s, t)| Some((Sha512::parse(&s).ok()?, t.as_f64()?)))
+                .collect();
+            out.insert(key, times);
+        }
+    }
+    out
+}
+
+fn parse_keys(v: Option<Value>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if let Some(Value::Array(items)) = v {
+        for item in items {
+            if let Value::String(s) = item {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn key_file_name(key: &str) -> String {
+    format!("{}.json", Sha512::of(key.as_bytes()).short(32))
+}
+
+impl Tables {
+    /// Loads the tables; `ns_dir` (with its `dirs/`) must exist.
+    pub(crate) fn load(v1: &Path, ns_dir: &Path, tmp: &Path) -> Tables {
+        let sizes_path = v1.join("sizes.json");
+        let keys_path = ns_dir.join("keys.json");
+        let seen_path = ns_dir.join("seen.json");
+        let state = State {
+            sizes: parse_sizes(read_json(&sizes_path)),
+            sizes_dirty: false,
+            seen: parse_seen(read_json(&seen_path)),
+            seen_dirty: false,
+            last_flush: Instant::now(),
+        };
+        Tables {
+            tmp: tmp.to_path_buf(),
+            keys: Mutex::new(parse_keys(read_json(&keys_path))),
+            sizes_path,
+            keys_path,
+            seen_path,
+            dirs: ns_dir.join("dirs"),
+            state: Mutex::new(state),
+            flush_lock: Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn size_of(&self, sha: &Sha512) -> Option<u64> {
+        lock(&self.state).sizes.get(sha).copied()
+    }
+
+    pub(crate) fn record_size(&self, sha: &Sha512, size: u64) {
+        {
+            let mut st = lock(&self.state);
+            if st.sizes.insert(*sha, size) == Some(size) {
+                return;
+            }
+            st.sizes_dirty = true;
+        }
+        self.maybe_flush();
+    }
+
+    pub(crate) fn first_seen(&self, key: &str, sha: &Sha512) -> SystemTime {
+        let secs = {
+            let mut st = lock(&self.state);
+            if let Some(t) = st.seen.get(key).and_then(|m| m.get(sha)) {
+                return from_unix(*t);
+            }
+            let now = to_unix(SystemTime::now());
+            st.seen.entry(key.to_owned()).or_default().insert(*sha, now);
+            st.seen_dirty = true;
+            now
+        };
+        self.maybe_flush();
+        from_unix(secs)
+    }
+
+    pub(crate) fn known_keys(&self) -> Vec<String> {
+        lock(&self.keys).clone()
+    }
+
+    /// Adds a key and writes the table at once (keys are rare and cannot be found
+    /// again: no server lists them).
+    pub(crate) fn add_known_key(&self, key: &str) {
+        let mut keys = lock(&self.keys);
+        if keys.iter().any(|k| k == key) {
+            return;
+        }
+        for k in parse_keys(read_json(&self.keys_path)) {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        if !keys.iter().any(|k| k == key) {
+            keys.push(key.to_owned());
+        }
+        let body = Value::Array(keys.iter().cloned().map(Value::String).collect());
+        if let Err(e) = write_atomic(&self.tmp, &self.keys_path, body.to_string().as_bytes()) {
+            tracing::warn!(path = %self.keys_path.display(), error = %e, "could not save the known keys");
+        }
+    }
+
+    pub(crate) fn dir_answer(&self, key: &str) -> Option<(SystemTime, Option<Vec<u8>>)> {
+        let path = self.dirs.join(key_file_name(key));
+        let v = read_json(&path)?;
+        if v.get("key").and_then(Value::as_str) != Some(key) {
+            return None;
+        }
+        let fetched = from_unix(v.get("fetched")?.as_f64()?);
+        match v.get("status")?.as_u64()? {
+            404 => Some((fetched, None)),
+            200 => {
+                if let Some(s) = v.get("body").and_then(Value::as_str) {
+                    return Some((fetched, Some(s.as_bytes().to_vec())));
+                }
+                let b64 = v.get("body_base64")?.as_str()?;
+                match base64::engine::general_purpose::STANDARD.decode(b64) {
+                    Ok(body) => Some((fetched, Some(body))),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cached shadir answer corrupt");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        }
+    }
+
+    pub(crate) fn store_dir_answer(&self, key: &str, body: Option<&[u8]>) {
+        let mut v = json!({
+            "key": key,
+            "fetched": to_unix(SystemTime::now()),
+            "status": if body.is_some() { 200 } else { 404 },
+        });
+        if let (Some(body), Value::Object(map)) = (body, &mut v) {
+            match std::str::from_utf8(body) {
+                Ok(s) => map.insert("body".into(), Value::String(s.to_owned())),
+                Err(_) => map.insert(
+                    "body_base64".into(),
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(body)),
+                ),
+            };
+        }
+        let path = self.dirs.join(key_file_name(key));
+        if let Err(e) = write_atomic(&self.tmp, &path, v.to_string().as_bytes()) {
+            tracing::warn!(path = %path.display(), error = %e, "could not save a shadir answer");
+        }
+    }
+
+    fn maybe_flush(&self) {
+        if lock(&self.state).last_flush.elapsed() < AUTO_FLUSH {
+            return;
+        }
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "could not save the cache tables");
+        }
+    }
+
+    /// Writes the dirty tables (sizes, first-seen times), merged with their disk copies.
+    pub(crate) fn flush(&self) -> Result<(), CacheError> {
+        let _serial = lock(&self.flush_lock);
+        let (sizes_dirty, seen_dirty) = {
+            let mut st = lock(&self.state);
+            st.last_flush = Instant::now();
+            (st.sizes_dirty, st.seen_dirty)
+        };
+        if sizes_dirty {
+            let disk = parse_sizes(read_json(&self.sizes_path));
+            let body = {
+                let mut st = lock(&self.state);
+                for (sha, n) in disk {
+                    st.sizes.entry(sha).or_insert(n);
+                }
+                st.sizes_dirty = false;
+                let map: Map<String, Value> = st
+                    .sizes
+                    .iter()
+                    .map(|(sha, n)| (sha.hex(), Value::from(*n)))
+                    .collect();
+                Value::Object(map).to_string()
+            };
+            if let Err(source) = write_atomic(&self.tmp, &self.sizes_path, body.as_bytes()) {
+                lock(&self.state).sizes_dirty = true;
+                return Err(CacheError::Io {
+                    path: self.sizes_path.clone(),
+                    source,
+                });
+            }
+        }
+        if seen_dirty {
+            let disk = parse_seen(read_json(&self.seen_path));
+            let body = {
+                let mut st = lock(&self.state);
+                for (key, times) in disk {
+                    let mine = st.seen.entry(key).or_default();
+                    for (sha, t) in times {
+                        mine.entry(sha).or_insert(t);
+                    }
+                }
+                st.seen_dirty = false;
+                let map: Map<String, Value> = st
+                    .seen
+                    .iter()
+                    .map(|(key, times)| {
+                        let inner: Map<String, Value> = times
+                            .iter()
+                            .map(|(sha, t)| (sha.hex(), Value::from(*t)))
+                            .collect();
+                        (key.clone(), Value::Object(inner))
+                    })
+                    .collect();
+                Value::Object(map).to_string()
+            };
+            if let Err(source) = write_atomic(&self.tmp, &self.seen_path, body.as_bytes()) {
+                lock(&self.state).seen_dirty = true;
+                return Err(CacheError::Io {
+                    path: self.seen_path.clone(),
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tables {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "could not save the cache tables on close");
+        }
+    }
+}
