@@ -62,6 +62,14 @@ pub enum Command {
     /// Re-hash every cached blob and remove the ones that do not match their name.
     #[command(after_help = "Example:\n  shacachefs fsck --cache-dir /var/cache/shacachefs")]
     Fsck(FsckArgs),
+    /// What a running mount is doing: servers, cache, transfers, outbox.
+    #[command(
+        after_help = "Example:\n  shacachefs status /mnt/shacache\n  shacachefs status --json /mnt/shacache | jq .hits"
+    )]
+    Status(StatusArgs),
+    /// Print the man page or shell completions (for packaging).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
     /// Generate an RSA signing key and a self-signed certificate (generate-signature-key).
     #[command(
         after_help = "Example:\n  shacachefs keygen /etc/opt/slapos/signature.key \"$(hostname)\" --cert-file /etc/opt/slapos/signature.crt\n  \
@@ -289,4 +297,19 @@ pub struct FsckArgs {
     /// The cache directory (default as for `mount`).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The mountpoint.
+    pub mountpoint: PathBuf,
+    /// Print the JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// `man`, or a shell: bash, zsh, fish, elvish, powershell.
+    pub what: String,
 }

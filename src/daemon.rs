@@ -86,3 +86,25 @@ pub fn redirect_std(log: Option<&Path>) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Tells systemd (`Type=notify`) about the service's state when `NOTIFY_SOCKET` is set:
+/// `READY=1` once mounted, `STOPPING=1` when unmounting. Silent otherwise.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), std::path::Path::new(&path))
+    };
+    if let Err(e) = result {
+        tracing::debug!("sd_notify {state}: {e}");
+    }
+}

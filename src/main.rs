@@ -20,8 +20,68 @@ fn init_logging(level: Option<&str>) {
         .init();
 }
 
+/// The man page or a completion script, generated from the CLI definition.
+fn generate(what: &str) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout();
+    if what == "man" {
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        return Ok(());
+    }
+    let shell: clap_complete::Shell = what.parse().map_err(|_| {
+        anyhow::anyhow!("generate: `man` or a shell (bash, zsh, fish, elvish, powershell)")
+    })?;
+    clap_complete::generate(shell, &mut cmd, "shacachefs", &mut out);
+    Ok(())
+}
+
+/// `mount -t fuse.shacachefs CONFIG MOUNTPOINT -o OPTS` (and fstab) run
+/// `mount.fuse.shacachefs CONFIG MOUNTPOINT -o OPTS`: the same as
+/// `shacachefs mount -c CONFIG MOUNTPOINT -o OPTS`.
+fn mount_helper_args() -> Option<Vec<std::ffi::OsString>> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let argv0 = std::path::Path::new(args.first()?)
+        .file_name()?
+        .to_string_lossy()
+        .into_owned();
+    if argv0 != "mount.fuse.shacachefs" && argv0 != "mount.shacachefs" {
+        return None;
+    }
+    let rest = args.split_off(1);
+    let mut out: Vec<std::ffi::OsString> = vec!["shacachefs".into(), "mount".into()];
+    let mut positional = Vec::new();
+    let mut it = rest.into_iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("-o") => {
+                if let Some(v) = it.next() {
+                    out.push("-o".into());
+                    out.push(v);
+                }
+            }
+            // mount(8) flags: -n (no mtab), -s (sloppy), -f (fake), -v (verbose).
+            Some("-n") | Some("-s") | Some("-v") => {}
+            _ => positional.push(a),
+        }
+    }
+    if let [source, mountpoint] = positional.as_slice() {
+        if source != "none" && source != "shacachefs" && !source.is_empty() {
+            out.push("-c".into());
+            out.push(source.clone());
+        }
+        out.push(mountpoint.clone());
+    } else {
+        out.extend(positional);
+    }
+    Some(out)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match mount_helper_args() {
+        Some(args) => Cli::parse_from(args),
+        None => Cli::parse(),
+    };
     // A mount detaches before any thread exists; the parent waits for "ready".
     let notifier = match &cli.command {
         Command::Mount(m)
@@ -67,6 +127,8 @@ fn main() -> ExitCode {
             Command::Keygen(a) => commands::keygen::run(a),
             Command::Outbox(a) => commands::outbox::run(a).await,
             Command::Fsck(a) => commands::fsck::run(a),
+            Command::Status(a) => commands::status::run(a),
+            Command::Generate(a) => generate(&a.what),
         }
     });
     match result {

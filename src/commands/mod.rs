@@ -8,6 +8,7 @@ pub mod ls;
 pub mod mount;
 pub mod outbox;
 pub mod serve;
+pub mod status;
 pub mod upload;
 
 use crate::client::Client;

@@ -171,12 +171,14 @@ pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> 
         }
         None => eprintln!("{message}"),
     }
+    crate::daemon::sd_notify("READY=1");
     let mut session = session;
     let mut unmounter = session.unmount_callable();
     let mountpoint = args.mountpoint.clone();
     tokio::spawn(async move {
         super::serve::shutdown_signal().await;
         tracing::info!("signal received: unmounting {}", mountpoint.display());
+        crate::daemon::sd_notify("STOPPING=1");
         if let Err(e) = unmounter.unmount() {
             tracing::error!("unmount {}: {e}", mountpoint.display());
         }
@@ -245,9 +247,13 @@ type Started = (
 async fn start(args: &mut MountArgs) -> Result<Started> {
     apply_options(args)?;
     if !args.mountpoint.exists() {
-        std::fs::create_dir_all(&args.mountpoint)
-            .with_context(|| format!("cannot create the mountpoint {}", args.mountpoint.display()))?;
-        eprintln!("shacachefs: created the mountpoint {}", args.mountpoint.display());
+        std::fs::create_dir_all(&args.mountpoint).with_context(|| {
+            format!("cannot create the mountpoint {}", args.mountpoint.display())
+        })?;
+        eprintln!(
+            "shacachefs: created the mountpoint {}",
+            args.mountpoint.display()
+        );
     }
     let (cfg, server, namespace) = resolve_config(args.config.config.clone()).await?;
     let client = client_for(&cfg)?;
@@ -311,6 +317,15 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
             writable,
             extra_meta,
             namespace,
+            servers: [
+                ("download-cache-url", &cfg.download_cache_url),
+                ("download-dir-url", &cfg.download_dir_url),
+                ("upload-cache-url", &cfg.upload_cache_url),
+                ("upload-dir-url", &cfg.upload_dir_url),
+            ]
+            .into_iter()
+            .filter_map(|(r, u)| u.clone().map(|u| (r.to_string(), u)))
+            .collect(),
         },
     );
     let fs = FuseFs::new(

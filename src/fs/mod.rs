@@ -21,6 +21,7 @@
 pub mod error;
 pub mod flight;
 pub mod inodes;
+pub mod status;
 mod write;
 pub mod xattr;
 
@@ -64,6 +65,8 @@ pub struct FsOptions {
     pub extra_meta: serde_json::Map<String, Value>,
     /// The shadir server this mount shows (outbox items record it).
     pub namespace: String,
+    /// (role, URL) of the configured services, for `status`.
+    pub servers: Vec<(String, String)>,
 }
 
 impl Default for FsOptions {
@@ -78,6 +81,7 @@ impl Default for FsOptions {
             writable: false,
             extra_meta: serde_json::Map::new(),
             namespace: String::new(),
+            servers: Vec::new(),
         }
     }
 }
@@ -169,6 +173,10 @@ pub struct Stats {
     pub downloads_in_flight: AtomicU64,
     pub dir_requests: AtomicU64,
     pub probes: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+    pub published: AtomicU64,
+    /// Set by the FUSE adapter when the kernel granted passthrough.
+    pub passthrough: std::sync::atomic::AtomicBool,
 }
 
 /// The filesystem core.
@@ -560,7 +568,11 @@ impl Core {
     /// Opens a cached blob, downloading it first when needed: one download per blob
     /// however many openers wait (single flight). The downloaded blob is pinned as it
     /// enters the cache, so eviction cannot take it before this open holds it.
-    async fn cached_or_fetched(&self, sha: &Sha512, what: &str) -> Result<(File, u64, BlobPin), FsError> {
+    async fn cached_or_fetched(
+        &self,
+        sha: &Sha512,
+        what: &str,
+    ) -> Result<(File, u64, BlobPin), FsError> {
         if let Some(h) = self.cache.open_blob(sha)? {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(h);
@@ -577,13 +589,19 @@ impl Core {
                 return Err(e.into());
             }
         }
-        self.stats.downloads_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .downloads_in_flight
+            .fetch_add(1, Ordering::Relaxed);
         let result = self.download(sha, what).await;
-        self.stats.downloads_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .downloads_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
         let verified = result?;
         match self.cache.insert_and_open(verified)? {
             Some(h) => Ok(h),
-            None => Err(FsError::Io(std::io::Error::other("blob vanished from the cache"))),
+            None => Err(FsError::Io(std::io::Error::other(
+                "blob vanished from the cache",
+            ))),
         }
     }
 
@@ -595,19 +613,32 @@ impl Core {
         };
         let mut last = None;
         for attempt in 1..=2 {
-            match self.client.remote.fetch_blob(sha, self.cache.tmp_dir(), &progress).await {
+            match self
+                .client
+                .remote
+                .fetch_blob(sha, self.cache.tmp_dir(), &progress)
+                .await
+            {
                 Ok(v) => {
                     let n = v.len();
                     self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
                     tracing::info!("{what}: fetched {n} bytes in {:.1?}", started.elapsed());
                     return Ok(v);
                 }
-                Err(RemoteError::Corrupt { url, expected, actual }) => {
+                Err(RemoteError::Corrupt {
+                    url,
+                    expected,
+                    actual,
+                }) => {
                     tracing::error!(
                         "{what}: downloaded content does not match: expected SHA-512 {expected}, got {actual} ({url}){}",
                         if attempt == 1 { "; retrying once" } else { "" }
                     );
-                    last = Some(RemoteError::Corrupt { url, expected, actual });
+                    last = Some(RemoteError::Corrupt {
+                        url,
+                        expected,
+                        actual,
+                    });
                 }
                 Err(e) => {
                     tracing::error!("{what}: download failed: {e}");
@@ -615,7 +646,9 @@ impl Core {
                 }
             }
         }
-        Err(last.map(FsError::Remote).unwrap_or(FsError::Invalid("download retry")))
+        Err(last
+            .map(FsError::Remote)
+            .unwrap_or(FsError::Invalid("download retry")))
     }
 
     // ---- operations ----------------------------------------------------------------
@@ -841,7 +874,11 @@ impl Core {
 
     async fn open_blob(&self, sha: &Sha512, what: &str) -> Result<Handle, FsError> {
         let (file, size, pin) = self.cached_or_fetched(sha, what).await?;
-        Ok(Handle::Blob { file, size, _pin: pin })
+        Ok(Handle::Blob {
+            file,
+            size,
+            _pin: pin,
+        })
     }
 
     /// `read(fh, offset, size)`.
@@ -897,10 +934,13 @@ impl Core {
                         self.client.verifier.certs.len()
                     )
                 };
-                Ok(vec![(
-                    "user.shacachefs.signature-mode".into(),
-                    mode.into_bytes(),
-                )])
+                Ok(vec![
+                    ("user.shacachefs.signature-mode".into(), mode.into_bytes()),
+                    (
+                        status::STATUS_XATTR.into(),
+                        serde_json::to_vec_pretty(&self.status().await).unwrap_or_default(),
+                    ),
+                ])
             }
             Node::Entry { key, name, sha } => {
                 let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;

@@ -413,6 +413,14 @@ impl Core {
                 }
                 self.cache.record_size(&p.sha, p.len);
                 self.cache.add_known_key(&p.key);
+                self.stats
+                    .published
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if p.uploaded {
+                    self.stats
+                        .bytes_uploaded
+                        .fetch_add(p.len, std::sync::atomic::Ordering::Relaxed);
+                }
                 let _ = outbox.remove(id);
                 lock(&self.staging).remove(id);
                 // Show the new entry at once: ask shadir now, then make the kernel forget

@@ -94,6 +94,10 @@ impl Filesystem for FuseFs {
             let granted = config.add_capabilities(consts::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             self.passthrough.store(granted, Ordering::Relaxed);
+            self.core
+                .stats
+                .passthrough
+                .store(granted, Ordering::Relaxed);
             if granted {
                 tracing::info!("cached blobs are served with FUSE passthrough");
             } else {
@@ -227,6 +231,7 @@ impl Filesystem for FuseFs {
                         }
                         Err(e) => {
                             passthrough.store(false, Ordering::Relaxed);
+                            core.stats.passthrough.store(false, Ordering::Relaxed);
                             tracing::warn!(
                                 "FUSE passthrough refused ({e}); serving with pread from now on"
                             );

@@ -1,0 +1,164 @@
+//! Request dispatch and the response helpers shared by the handlers.
+//!
+//! Only two prefixes exist: `/shacache` (POST to it; GET/HEAD `/shacache/<sha512>`) and
+//! `/shadir/<key>` (GET/HEAD/PUT). Everything else is 404; a known path with another
+//! method is 405. The path is taken as sent (still percent-encoded), so `%2F` in a key
+//! cannot split it into two segments. Query strings are ignored.
+
+use super::auth::{self, Denied};
+use super::{blobs, dir, State};
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, LOCATION};
+use hyper::{Method, Request, Response, StatusCode};
+use std::io;
+use tracing::debug;
+
+/// The body of every response: a fixed buffer or a file stream.
+pub(crate) type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// Which resource a path names.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    /// `/shacache` or `/shacache/`: where blobs are POSTed.
+    CacheRoot,
+    /// `/shacache/<name>` (name not yet checked).
+    Blob(&'a str),
+    /// `/shadir/<segment>` (segment still percent-encoded, non-empty).
+    Key(&'a str),
+    NotFound,
+}
+
+fn route(path: &str) -> Route<'_> {
+    if let Some(rest) = path.strip_prefix("/shacache") {
+        if rest.is_empty() || rest == "/" {
+            return Route::CacheRoot;
+        }
+        if let Some(name) = rest.strip_prefix('/') {
+            if !name.contains('/') {
+                return Route::Blob(name);
+            }
+        }
+    } else if let Some(seg) = path.strip_prefix("/shadir/") {
+        if !seg.is_empty() && !seg.contains('/') {
+            return Route::Key(seg);
+        }
+    }
+    Route::NotFound
+}
+
+/// Answers one request. Never fails: errors become status codes.
+pub(crate) async fn handle(
+    state: &State,
+    req: Request<Incoming>,
+    client_cert: bool,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let path: String = req.uri().path().chars().take(300).collect();
+    let resp = dispatch(state, req, client_cert).await;
+    debug!(%method, %path, status = resp.status().as_u16(), "request");
+    resp
+}
+
+async fn dispatch(state: &State, req: Request<Incoming>, client_cert: bool) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let head = method == Method::HEAD;
+    match (route(&path), method) {
+        (Route::CacheRoot, Method::POST) => {
+            if let Err(d) = auth::check_upload(state, req.headers(), client_cert) {
+                return denied(d);
+            }
+            blobs::upload(state, req.into_body()).await
+        }
+        (Route::CacheRoot, _) => not_allowed("POST"),
+        (Route::Blob(name), Method::GET | Method::HEAD) => {
+            blobs::download(state, name, head, req.headers()).await
+        }
+        (Route::Blob(_), _) => not_allowed("GET, HEAD"),
+        (Route::Key(seg), Method::GET | Method::HEAD) => dir::get(state, seg, head).await,
+        (Route::Key(seg), Method::PUT) => {
+            if let Err(d) = auth::check_upload(state, req.headers(), client_cert) {
+                return denied(d);
+            }
+            dir::put(state, seg, req.into_body()).await
+        }
+        (Route::Key(_), _) => not_allowed("GET, HEAD, PUT"),
+        (Route::NotFound, _) => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn denied(d: Denied) -> Response<Body> {
+    match d {
+        Denied::NoClientCert => text(
+            StatusCode::FORBIDDEN,
+            "uploads need a TLS client certificate\n",
+        ),
+        Denied::Login => {
+            let mut r = empty(StatusCode::FOUND);
+            r.headers_mut()
+                .insert(LOCATION, HeaderValue::from_static("/login"));
+            r
+        }
+    }
+}
+
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// A response with a short plain-text body.
+pub(crate) fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(msg.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// A response without a body.
+pub(crate) fn empty(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+    *r.status_mut() = status;
+    r
+}
+
+/// A body from a buffer.
+pub(crate) fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A 500 for an I/O failure; the details go to the log, not to the client.
+pub(crate) fn internal(what: &str, e: &dyn std::fmt::Display) -> Response<Body> {
+    tracing::error!("{what}: {e}");
+    text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/shacache"), Route::CacheRoot);
+        assert_eq!(route("/shacache/"), Route::CacheRoot);
+        assert_eq!(route("/shacache/abc"), Route::Blob("abc"));
+        assert_eq!(route("/shacache/a/b"), Route::NotFound);
+        assert_eq!(route("/shacachex"), Route::NotFound);
+        assert_eq!(route("/shadir/k%2Fx"), Route::Key("k%2Fx"));
+        assert_eq!(route("/shadir/"), Route::NotFound);
+        assert_eq!(route("/shadir"), Route::NotFound);
+        assert_eq!(route("/shadir/a/b"), Route::NotFound);
+        assert_eq!(route("/abc"), Route::NotFound);
+        assert_eq!(route("/"), Route::NotFound);
+    }
+}
