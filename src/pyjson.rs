@@ -44,10 +44,13 @@ fn write_value(out: &mut String, value: &Value, style: Style, level: usize) {
         Value::Bool(true) => out.push_str("true"),
         Value::Bool(false) => out.push_str("false"),
         Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                let _ = write!(out, "{i}");
-            } else if let Some(u) = n.as_u64() {
-                let _ = write!(out, "{u}");
+            // Numbers keep their text (serde_json's arbitrary_precision): an integer
+            // literal is a Python int, written exactly however large; anything with a
+            // fraction or an exponent is a Python float, written as repr() writes it.
+            let text = n.to_string();
+            let digits = text.strip_prefix('-').unwrap_or(&text);
+            if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                out.push_str(&text);
             } else {
                 out.push_str(&float_repr(n.as_f64().unwrap_or(f64::NAN)));
             }
@@ -216,6 +219,18 @@ mod tests {
             dumps(&v),
             r#"{"sha512": "af06", "url": "https://example.com/hello.txt", "file": "hello.txt"}"#
         );
+    }
+
+    #[test]
+    fn numbers_as_python_reads_and_writes_them() {
+        let v: Value =
+            serde_json::from_str("[12345678901234567890123, -7, 1E5, 1.5e-7, 2.50, 1e100]")
+                .unwrap();
+        assert_eq!(
+            dumps(&v),
+            "[12345678901234567890123, -7, 100000.0, 1.5e-07, 2.5, 1e+100]"
+        );
+        assert_eq!(dumps(&Value::from(1700000000.25)), "1700000000.25");
     }
 
     #[test]

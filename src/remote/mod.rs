@@ -20,6 +20,10 @@
 //!   `limits.upload_answer_timeout` once the body is sent.
 //! - `user:password@` in a base URL is sent as HTTP Basic and shown nowhere.
 
+// `RemoteError` is ~150 bytes because `Corrupt` carries two digests by value (part of the
+// fixed interface). Errors are rare and never on a hot path, so the size is accepted here.
+#![allow(clippy::result_large_err)]
+
 mod dir;
 mod fetch;
 mod http;
@@ -204,7 +208,9 @@ impl Remote {
         let proxies = proxy::from_env(&env)?;
 
         let https = |a: &Option<Endpoint>, b: &Option<Endpoint>| {
-            [a, b].iter().any(|e| e.as_ref().is_some_and(Endpoint::is_https))
+            [a, b]
+                .iter()
+                .any(|e| e.as_ref().is_some_and(Endpoint::is_https))
         };
         let cache_client = build_client(
             "shacache",
@@ -318,4 +324,34 @@ fn build_client(
         .tls_backend_preconfigured(tls)
         .build()
         .map_err(|e| RemoteError::Tls(format!("{service}: building the HTTP client: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_outside_a_runtime_and_hides_credentials() {
+        let cfg = RemoteConfig {
+            download_cache_url: Some("https://u:secret@cache.example/shacache".into()),
+            upload_dir_url: Some("http://dir.example".into()),
+            ..RemoteConfig::default()
+        };
+        let r = Remote::new_with_env(cfg, |_| None).unwrap();
+        assert!(!r.can_download() && !r.can_upload());
+        let shown = format!("{r:?}");
+        assert!(shown.contains("https://cache.example/shacache"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    #[test]
+    fn a_bad_url_is_an_error_at_construction() {
+        let cfg = RemoteConfig {
+            download_dir_url: Some("ftp://u:secret@h/x".into()),
+            ..RemoteConfig::default()
+        };
+        let err = Remote::new_with_env(cfg, |_| None).unwrap_err();
+        assert!(matches!(err, RemoteError::Protocol { .. }), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
 }

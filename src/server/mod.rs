@@ -16,6 +16,7 @@
 mod auth;
 mod blobs;
 mod dir;
+mod reqline;
 mod routes;
 pub mod store;
 mod tls;
@@ -232,7 +233,14 @@ async fn connection(
 ) {
     let _ = tcp.set_nodelay(true);
     let Some(acceptor) = acceptor else {
-        return drive(TokioIo::new(tcp), peer, state, false, stop).await;
+        return drive(
+            TokioIo::new(reqline::EncodeRequestLine::new(tcp)),
+            peer,
+            state,
+            false,
+            stop,
+        )
+        .await;
     };
     let handshake = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
@@ -247,7 +255,14 @@ async fn connection(
                 .1
                 .peer_certificates()
                 .is_some_and(|c| !c.is_empty());
-            drive(TokioIo::new(stream), peer, state, verified, stop).await
+            drive(
+                TokioIo::new(reqline::EncodeRequestLine::new(stream)),
+                peer,
+                state,
+                verified,
+                stop,
+            )
+            .await
         }
         Ok(Err(e)) => debug!(%peer, "TLS handshake failed: {e}"),
         Err(_) => debug!(%peer, "TLS handshake timed out"),

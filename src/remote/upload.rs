@@ -1,0 +1,153 @@
+//! Blob upload: `POST {upload-cache-url}` with the file streamed from disk (256 KiB
+//! reads, never the whole file in memory) and an exact `Content-Length`. Success is a 201
+//! whose body is the SHA-512 the server computed, equal to ours.
+//!
+//! Timing: no total deadline (uploads of gigabytes are normal); sending fails when the
+//! server takes no byte for `limits.low_speed_timeout`, and once the whole body is handed
+//! over the answer is awaited for `limits.upload_answer_timeout` (the server hashes the
+//! body before it answers). Network errors, timeouts and 5xx are retried with backoff,
+//! re-streaming the file from its start: the store is content-addressed, so a repeated
+//! upload is harmless.
+
+use super::http::{self, log_answer, net_error, protocol_error, retry, timeout_error};
+use super::{Progress, Remote, RemoteError};
+use crate::digest::Sha512;
+use futures_util::TryStreamExt;
+use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::StatusCode;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Size of each read from the file (and so of each body chunk).
+const READ_SIZE: usize = 256 << 10;
+/// Most of a 201's body read (a hash is 128 characters).
+const ANSWER_BYTES: usize = 4096;
+
+pub(super) async fn post(
+    remote: &Remote,
+    path: &Path,
+    sha: &Sha512,
+    progress: Progress<'_>,
+) -> Result<(), RemoteError> {
+    let inner = &remote.inner;
+    let endpoint = Remote::endpoint(&inner.upload_cache, "upload-cache-url")?;
+    let url = endpoint.base();
+    retry(&inner.limits, "POST", url, move || {
+        post_once(remote, url, path, sha, progress)
+    })
+    .await
+}
+
+async fn post_once(
+    remote: &Remote,
+    url: &str,
+    path: &Path,
+    sha: &Sha512,
+    progress: Progress<'_>,
+) -> Result<(), RemoteError> {
+    let inner = &remote.inner;
+    let limits = &inner.limits;
+    let file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await?.len();
+
+    // Bytes the HTTP stack has pulled from the file so far: hyper asks for the next
+    // chunk only when the previous one is written, so this follows the socket.
+    let pulled = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&pulled);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, READ_SIZE).inspect_ok(
+        move |chunk: &bytes::Bytes| {
+            counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        },
+    );
+    let mut req = inner
+        .cache_client
+        .post(url)
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header(CONTENT_LENGTH, len)
+        .body(reqwest::Body::wrap_stream(stream));
+    if let Some(auth) = inner.upload_cache.as_ref().and_then(|e| e.auth()) {
+        req = req.header(AUTHORIZATION, auth.clone());
+    }
+
+    let started = Instant::now();
+    let send = req.send();
+    tokio::pin!(send);
+    let tick =
+        (limits.low_speed_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut seen = 0u64;
+    let mut last_move = Instant::now();
+    let resp = loop {
+        tokio::select! {
+            r = &mut send => break r.map_err(|e| net_error(url, e))?,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let sent = pulled.load(Ordering::Relaxed);
+        if sent != seen {
+            seen = sent;
+            last_move = Instant::now();
+            progress(sent.min(len), Some(len));
+        }
+        if sent >= len {
+            // All handed over: now the server hashes it all before answering.
+            let wait = limits.upload_answer_timeout;
+            break tokio::time::timeout(wait, &mut send)
+                .await
+                .map_err(|_| timeout_error(url, format!("no answer {wait:?} after the upload")))?
+                .map_err(|e| net_error(url, e))?;
+        }
+        if last_move.elapsed() >= limits.low_speed_timeout {
+            return Err(timeout_error(
+                url,
+                format!(
+                    "upload stalled: nothing sent for {:?} after {sent} of {len} bytes",
+                    limits.low_speed_timeout
+                ),
+            ));
+        }
+    };
+    log_answer("POST", url, started, resp.status());
+    if resp.status() != StatusCode::CREATED {
+        return Err(http::status_error(url, resp).await);
+    }
+    let answer = read_answer(resp, url, limits.request_timeout).await?;
+    let answer = answer.trim();
+    match Sha512::parse_any_case(answer) {
+        Ok(theirs) if theirs == *sha => {
+            progress(len, Some(len));
+            Ok(())
+        }
+        _ => Err(protocol_error(
+            url,
+            format!(
+                "server computed a different hash: {:?} (sent {})",
+                answer.chars().take(140).collect::<String>(),
+                sha.hex()
+            ),
+        )),
+    }
+}
+
+/// The body of a 201, bounded in size and time.
+async fn read_answer(
+    mut resp: reqwest::Response,
+    url: &str,
+    deadline: Duration,
+) -> Result<String, RemoteError> {
+    let mut body = Vec::new();
+    let read = async {
+        while body.len() < ANSWER_BYTES {
+            match resp.chunk().await {
+                Ok(Some(c)) => body.extend_from_slice(&c),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(net_error(url, e)),
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(deadline, read)
+        .await
+        .map_err(|_| timeout_error(url, "reading the answer to the upload"))??;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
