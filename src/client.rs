@@ -198,6 +198,24 @@ impl Client {
     }
 }
 
+/// The `.entries.json` / `ls --json` document: `[{"name", "sha512", "metadata",
+/// "signer"}]` in name order.
+pub fn entries_json(files: &[(String, TrustedEntry)]) -> Value {
+    Value::Array(
+        files
+            .iter()
+            .map(|(name, e)| {
+                let mut o = Map::new();
+                o.insert("name".into(), Value::String(name.clone()));
+                o.insert("sha512".into(), Value::String(e.info.sha512.hex()));
+                o.insert("metadata".into(), Value::Object(e.info.metadata.clone()));
+                o.insert("signer".into(), Value::String(e.signer.label().to_string()));
+                Value::Object(o)
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,22 +252,4 @@ mod tests {
         assert!(hidden.is_empty());
         assert!(shown.iter().all(|e| e.signer == SignedBy::Unverified));
     }
-}
-
-/// The `.entries.json` / `ls --json` document: `[{"name", "sha512", "metadata",
-/// "signer"}]` in name order.
-pub fn entries_json(files: &[(String, TrustedEntry)]) -> Value {
-    Value::Array(
-        files
-            .iter()
-            .map(|(name, e)| {
-                let mut o = Map::new();
-                o.insert("name".into(), Value::String(name.clone()));
-                o.insert("sha512".into(), Value::String(e.info.sha512.hex()));
-                o.insert("metadata".into(), Value::Object(e.info.metadata.clone()));
-                o.insert("signer".into(), Value::String(e.signer.label().to_string()));
-                Value::Object(o)
-            })
-            .collect(),
-    )
 }

@@ -218,7 +218,7 @@ fn is_unreachable(e: &RemoteError) -> bool {
 }
 
 fn time_of(ts: f64) -> Option<SystemTime> {
-    if ts.is_finite() && ts >= 0.0 && ts < 1e11 {
+    if ts.is_finite() && (0.0..1e11).contains(&ts) {
         Some(UNIX_EPOCH + Duration::from_secs_f64(ts))
     } else {
         None
