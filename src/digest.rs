@@ -108,11 +108,102 @@ impl FromStr for Sha512 {
 ///
 /// Used for downloads (then [`HashingFile::verify`]) and for uploads received by the
 /// server (then [`HashingFile::finish`], which names the blob by what was received).
+/// Past the first few MiB, hashing moves to a thread of its own, so that receiving,
+/// writing and hashing a large blob overlap: SHA-512 on one core is what bounds a cold
+/// read, and the network and the page cache can run beside it.
 pub struct HashingFile {
     file: File,
     path: TempPath,
-    hasher: Sha512Hasher,
+    hasher: HashState,
     len: u64,
+}
+
+/// A SHA-512 computed incrementally, on a thread of its own once the data is large.
+pub struct StreamHasher {
+    state: HashState,
+    len: u64,
+}
+
+impl Default for StreamHasher {
+    fn default() -> Self {
+        StreamHasher {
+            state: HashState::Inline(Sha512Hasher::new()),
+            len: 0,
+        }
+    }
+}
+
+impl StreamHasher {
+    /// Feeds the next bytes.
+    pub fn update(&mut self, data: bytes::Bytes) {
+        let n = data.len() as u64;
+        self.state.update(data, self.len);
+        self.len += n;
+    }
+    /// Bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The digest of everything fed.
+    pub fn finish(self) -> io::Result<Sha512> {
+        self.state.finalize()
+    }
+}
+
+/// Where the hash is computed.
+enum HashState {
+    Inline(Sha512Hasher),
+    Thread {
+        tx: std::sync::mpsc::SyncSender<bytes::Bytes>,
+        handle: std::thread::JoinHandle<Sha512Hasher>,
+    },
+}
+
+/// Data hashed inline before a hashing thread is worth starting.
+const INLINE_HASH_LIMIT: u64 = 4 << 20;
+/// Chunks queued for the hashing thread (each up to a network read or a write).
+const HASH_QUEUE: usize = 256;
+
+impl HashState {
+    fn update(&mut self, data: bytes::Bytes, len_before: u64) {
+        if let HashState::Inline(h) = self {
+            if len_before + data.len() as u64 <= INLINE_HASH_LIMIT {
+                h.update(&data);
+                return;
+            }
+            let hasher = std::mem::take(h);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(HASH_QUEUE);
+            let handle = std::thread::spawn(move || {
+                let mut hasher = hasher;
+                for chunk in rx {
+                    hasher.update(&chunk);
+                }
+                hasher
+            });
+            *self = HashState::Thread { tx, handle };
+        }
+        if let HashState::Thread { tx, .. } = self {
+            // The thread only ends when the sender is dropped; a send error would mean it
+            // panicked, which `finalize` reports.
+            let _ = tx.send(data);
+        }
+    }
+
+    fn finalize(self) -> io::Result<Sha512> {
+        let hasher = match self {
+            HashState::Inline(h) => h,
+            HashState::Thread { tx, handle } => {
+                drop(tx);
+                handle
+                    .join()
+                    .map_err(|_| io::Error::other("the hashing thread panicked"))?
+            }
+        };
+        Ok(Sha512::from_hasher(hasher))
+    }
 }
 
 /// The hash did not match: the temporary file is already deleted.
@@ -133,16 +224,23 @@ impl HashingFile {
         Ok(HashingFile {
             file,
             path,
-            hasher: Sha512Hasher::new(),
+            hasher: HashState::Inline(Sha512Hasher::new()),
             len: 0,
         })
     }
 
     /// Appends bytes and feeds them to the hash.
     pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.write_all(data)?;
-        self.hasher.update(data);
-        self.len += data.len() as u64;
+        self.write_bytes(bytes::Bytes::copy_from_slice(data))
+    }
+
+    /// Appends bytes and feeds them to the hash without copying them again (a network
+    /// chunk is shared with the hashing thread).
+    pub fn write_bytes(&mut self, data: bytes::Bytes) -> io::Result<()> {
+        self.file.write_all(&data)?;
+        let n = data.len() as u64;
+        self.hasher.update(data, self.len);
+        self.len += n;
         Ok(())
     }
 
@@ -160,7 +258,8 @@ impl HashingFile {
     pub fn reset(&mut self) -> io::Result<()> {
         self.file.set_len(0)?;
         self.file.seek(SeekFrom::Start(0))?;
-        self.hasher = Sha512Hasher::new();
+        let old = std::mem::replace(&mut self.hasher, HashState::Inline(Sha512Hasher::new()));
+        let _ = old.finalize();
         self.len = 0;
         Ok(())
     }
@@ -171,7 +270,7 @@ impl HashingFile {
         if durable {
             self.file.sync_all()?;
         }
-        let sha = Sha512::from_hasher(self.hasher);
+        let sha = self.hasher.finalize()?;
         Ok(HashedFile {
             path: self.path,
             sha,

@@ -55,25 +55,30 @@ fn entry_metadata(name: &str, extra: &Map<String, Value>) -> Map<String, Value> 
     meta
 }
 
-/// Publishes item `id` of `outbox` with `client`.
+/// Publishes item `id` of `outbox` with `client`. `known` is the data's digest and
+/// length when the caller hashed it as it was written (sequential writes through the
+/// mount); otherwise the staged file is hashed here.
 pub async fn publish(
     client: &Client,
     outbox: &Outbox,
     id: &str,
+    known: Option<(Sha512, u64)>,
 ) -> Result<Published, PublishError> {
     let _lock = outbox.try_lock(id)?.ok_or(PublishError::Busy)?;
     let mut item = outbox
         .get(id)
         .ok_or_else(|| PublishError::Gone(id.to_string()))?;
     let path = outbox.data_path(id);
-    let p = path.clone();
-    let (sha, len) = tokio::task::spawn_blocking(move || {
-        // Durable before anything leaves the machine.
-        std::fs::File::open(&p)?.sync_all()?;
-        Sha512::of_file(&p)
-    })
-    .await
-    .map_err(std::io::Error::other)??;
+    let on_disk = std::fs::metadata(&path)?.len();
+    let (sha, len) = match known {
+        Some((sha, len)) if len == on_disk => (sha, len),
+        _ => {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || Sha512::of_file(&p))
+                .await
+                .map_err(std::io::Error::other)??
+        }
+    };
     let entry = match item.meta.signed_entry() {
         Some(e) if item.meta.sha512.as_deref() == Some(sha.hex().as_str()) => e,
         _ => {

@@ -110,7 +110,7 @@ async fn retry(
             );
             continue;
         }
-        match publish(&client, outbox, &item.id).await {
+        match publish(&client, outbox, &item.id, None).await {
             Ok(p) => {
                 if let Ok(v) = adopt_hashed(outbox.data_path(&item.id), p.sha, p.len) {
                     let _ = cache.insert_blob(v);

@@ -14,7 +14,7 @@
 //! never modified.
 
 use super::{lock, Attr, Core, FsError, Handle, Invalidator, Kind, Node};
-use crate::digest::adopt_hashed;
+use crate::digest::{adopt_hashed, StreamHasher};
 use crate::naming::{unescape, KEY_RESERVED};
 use crate::outbox::Outbox;
 use crate::publish::{publish, PublishError};
@@ -36,11 +36,18 @@ pub struct StagedInfo {
     pub written: bool,
 }
 
+/// The running digest of a staged file written sequentially from its start (what `cp`
+/// does), so that publishing does not read the file again. Any other write pattern
+/// drops it, and the file is hashed when published.
+#[derive(Default)]
+struct SeqHashes(HashMap<String, StreamHasher>);
+
 /// The staged files of this mount's namespace.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Staging {
     by_name: HashMap<(String, String), String>,
     items: HashMap<String, StagedInfo>,
+    seq: SeqHashes,
 }
 
 impl Staging {
@@ -84,6 +91,7 @@ impl Staging {
     }
 
     fn remove(&mut self, id: &str) -> Option<StagedInfo> {
+        self.seq.0.remove(id);
         let info = self.items.remove(id)?;
         let k = (info.key.clone(), info.name.clone());
         if self.by_name.get(&k).map(String::as_str) == Some(id) {
@@ -197,6 +205,10 @@ impl Core {
         if truncate {
             file.set_len(0)?;
             self.mark_dirty(id);
+            lock(&self.staging)
+                .seq
+                .0
+                .insert(id.to_string(), StreamHasher::default());
         }
         Ok(Handle::Staged(Mutex::new(StagedHandle {
             id: id.to_string(),
@@ -238,6 +250,7 @@ impl Core {
                 written: false,
             },
         );
+        st.seq.0.insert(item.id.clone(), StreamHasher::default());
         Ok((item.id, file))
     }
 
@@ -323,6 +336,15 @@ impl Core {
         }
         h.file.write_all_at(data, offset)?;
         self.mark_dirty(&h.id);
+        let mut st = lock(&self.staging);
+        let sequential = st.seq.0.get(&h.id).is_some_and(|s| s.len() == offset);
+        if sequential {
+            if let Some(s) = st.seq.0.get_mut(&h.id) {
+                s.update(bytes::Bytes::copy_from_slice(data));
+            }
+        } else {
+            st.seq.0.remove(&h.id);
+        }
         Ok(data.len() as u32)
     }
 
@@ -352,11 +374,9 @@ impl Core {
         let Handle::Staged(m) = &*handle else {
             return Ok(());
         };
-        let id = {
-            let h = lock(m);
-            h.file.sync_data()?;
-            h.id.clone()
-        };
+        // No fsync: staged data survives the daemon's death in the page cache, and an
+        // fsync of a large file would cost more than the upload itself.
+        let id = lock(m).id.clone();
         let (dirty, written, name) = match lock(&self.staging).items.get(&id) {
             Some(i) => (i.dirty, i.written, i.name.clone()),
             None => return Ok(()),
@@ -398,7 +418,19 @@ impl Core {
             .get(id)
             .cloned()
             .ok_or(FsError::NotFound)?;
-        match publish(&self.client, &outbox, id).await {
+        let seq = lock(&self.staging).seq.0.remove(id);
+        let known = match seq {
+            Some(h) => {
+                let len = h.len();
+                tokio::task::spawn_blocking(move || h.finish())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|sha| (sha, len))
+            }
+            None => None,
+        };
+        match publish(&self.client, &outbox, id, known).await {
             Ok(p) => {
                 let data = outbox.data_path(id);
                 let kept = adopt_hashed(data, p.sha, p.len)

@@ -255,7 +255,7 @@ pub(super) async fn stream_into(
             }
         }
         // A blocking write: it lands in the page cache, cheaper than a thread hop.
-        file.write_all(&chunk)?;
+        file.write_bytes(chunk)?;
         progress(file.len(), total);
     }
     match end {
