@@ -435,6 +435,27 @@ mod tests {
     }
 
     #[test]
+    fn large_writes_hash_on_a_thread_with_the_same_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(9u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let expected = Sha512::of(&data);
+        let mut f = HashingFile::new_in(dir.path()).unwrap();
+        // Past the inline limit, then reset (a 200 answer to a resume), then again.
+        f.write_all(&data[..6 << 20]).unwrap();
+        f.reset().unwrap();
+        for chunk in data.chunks(1 << 20) {
+            f.write_bytes(bytes::Bytes::copy_from_slice(chunk)).unwrap();
+        }
+        let v = f.verify(&expected).unwrap();
+        assert_eq!(v.len(), data.len() as u64);
+        let mut h = StreamHasher::default();
+        for chunk in data.chunks(300_000) {
+            h.update(bytes::Bytes::copy_from_slice(chunk));
+        }
+        assert_eq!(h.finish().unwrap(), expected);
+    }
+
+    #[test]
     fn mismatch_deletes_the_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
         let mut f = HashingFile::new_in(dir.path()).unwrap();
