@@ -164,8 +164,9 @@ enum HashState {
 
 /// Data hashed inline before a hashing thread is worth starting.
 const INLINE_HASH_LIMIT: u64 = 4 << 20;
-/// Chunks queued for the hashing thread (each up to a network read or a write).
-const HASH_QUEUE: usize = 256;
+/// Chunks queued for the hashing thread. A network chunk may keep a whole receive
+/// buffer alive, so the queue stays short: memory, not throughput, is what it costs.
+const HASH_QUEUE: usize = 16;
 
 impl HashState {
     fn update(&mut self, data: bytes::Bytes, len_before: u64) {
@@ -437,7 +438,9 @@ mod tests {
     #[test]
     fn large_writes_hash_on_a_thread_with_the_same_result() {
         let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..(9u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..(9u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let expected = Sha512::of(&data);
         let mut f = HashingFile::new_in(dir.path()).unwrap();
         // Past the inline limit, then reset (a 200 answer to a resume), then again.

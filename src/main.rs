@@ -77,6 +77,19 @@ fn mount_helper_args() -> Option<Vec<std::ffi::OsString>> {
     Some(out)
 }
 
+/// One line: the error and each cause that its message does not already include.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !line.contains(&c) {
+            line.push_str(": ");
+            line.push_str(&c);
+        }
+    }
+    line
+}
+
 fn main() -> ExitCode {
     let cli = match mount_helper_args() {
         Some(args) => Cli::parse_from(args),
@@ -117,6 +130,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A detached mount's start-up error reaches the user through the waiting parent.
+    let detached = notifier.is_some();
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(a) => commands::serve::run(a).await,
@@ -133,8 +148,9 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(_) if detached => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("shacachefs: {e:#}");
+            eprintln!("shacachefs: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -157,7 +157,15 @@ pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> 
         Ok(v) => v,
         Err(e) => {
             if let Some(n) = notifier {
-                n.fail(&format!("{e:#}"));
+                let mut line = e.to_string();
+                for cause in e.chain().skip(1) {
+                    let c = cause.to_string();
+                    if !line.contains(&c) {
+                        line.push_str(": ");
+                        line.push_str(&c);
+                    }
+                }
+                n.fail(&line);
             }
             return Err(e);
         }

@@ -250,7 +250,10 @@ impl Core {
                 None
             }
         };
-        let staging = Mutex::new(write::Staging::load(outbox.as_ref(), &opts.namespace));
+        let staging = write::Staging::load(outbox.as_ref(), &opts.namespace);
+        // A key holding a pending file exists here even if shadir never heard of it.
+        let local_keys: BTreeSet<String> = staging.keys().into_iter().collect();
+        let staging = Mutex::new(staging);
         Arc::new(Core {
             outbox,
             staging,
@@ -260,7 +263,7 @@ impl Core {
             probes,
             inodes: Mutex::new(Inodes::default()),
             keys: Mutex::new(HashMap::new()),
-            local_keys: Mutex::new(BTreeSet::new()),
+            local_keys: Mutex::new(local_keys),
             key_locks: KeyedLocks::default(),
             blob_locks: KeyedLocks::default(),
             size_locks: KeyedLocks::default(),
@@ -678,7 +681,10 @@ impl Core {
             }
             Node::Key(key) => {
                 if let Some(id) = self.staged_id(&key, name) {
-                    return self.staged_attr(&id);
+                    match self.staged_attr(&id) {
+                        Ok(a) => return Ok(a),
+                        Err(_) => self.forget_stale(&id),
+                    }
                 }
                 let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
                 self.key_child_attr(&key, &listing, name).await
@@ -851,7 +857,13 @@ impl Core {
                 let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
                 Handle::Memory(listing.entries_json.clone())
             }
-            Node::Staged(id) => self.open_staged(&id, false)?,
+            Node::Staged(id) => match self.published_node(&id) {
+                Some(Node::Entry { key, name, sha }) => {
+                    self.open_blob(&sha, &format!("key {key}: entry {name}"))
+                        .await?
+                }
+                _ => self.open_staged(&id, false)?,
+            },
             Node::Root | Node::ShaDir | Node::Key(_) => return Err(FsError::IsDir),
             Node::Latest(_) => return Err(FsError::Invalid("symbolic link")),
         };

@@ -48,6 +48,8 @@ pub struct Staging {
     by_name: HashMap<(String, String), String>,
     items: HashMap<String, StagedInfo>,
     seq: SeqHashes,
+    /// Items this mount published: id → (key, name, sha, size).
+    published: HashMap<String, (String, String, crate::digest::Sha512, u64)>,
 }
 
 impl Staging {
@@ -82,6 +84,11 @@ impl Staging {
             );
         }
         s
+    }
+
+    /// The keys that hold staged files.
+    pub fn keys(&self) -> Vec<String> {
+        self.items.values().map(|i| i.key.clone()).collect()
     }
 
     fn insert(&mut self, id: String, info: StagedInfo) {
@@ -178,9 +185,14 @@ impl Core {
     }
 
     pub(super) fn staged_attr(&self, id: &str) -> Result<Attr, FsError> {
+        let ino = self.ino(&Node::Staged(id.to_string()));
+        // The kernel may still ask about a staged file's inode after it was published
+        // (it forgets the name asynchronously): answer for the published entry.
+        if let Some((_, _, _, len)) = self.published_as(id) {
+            return Ok(self.file_attr(ino, len, SystemTime::now()));
+        }
         let outbox = self.outbox.as_ref().ok_or(FsError::NotFound)?;
         let md = std::fs::metadata(outbox.data_path(id)).map_err(|_| FsError::NotFound)?;
-        let ino = self.ino(&Node::Staged(id.to_string()));
         Ok(Attr {
             perm: 0o644,
             ..self.file_attr(
@@ -189,6 +201,31 @@ impl Core {
                 md.modified().unwrap_or_else(|_| SystemTime::now()),
             )
         })
+    }
+
+    /// What a staged item became when this mount published it: (key, name, sha, size).
+    pub(super) fn published_as(
+        &self,
+        id: &str,
+    ) -> Option<(String, String, crate::digest::Sha512, u64)> {
+        lock(&self.staging).published.get(id).cloned()
+    }
+
+    /// The published entry a staged inode now stands for, as an entry node.
+    pub(super) fn published_node(&self, id: &str) -> Option<Node> {
+        self.published_as(id)
+            .map(|(key, name, sha, _)| Node::Entry { key, name, sha })
+    }
+
+    /// Forgets a staged item whose data another process took (`outbox retry`/`drop`).
+    pub(super) fn forget_stale(&self, id: &str) {
+        let gone = self
+            .outbox
+            .as_ref()
+            .is_none_or(|o| !o.data_path(id).exists());
+        if gone {
+            lock(&self.staging).remove(id);
+        }
     }
 
     pub(super) fn open_staged(&self, id: &str, truncate: bool) -> Result<Handle, FsError> {
@@ -297,7 +334,19 @@ impl Core {
     ) -> Result<(u64, Arc<Handle>), FsError> {
         self.writable_outbox()?;
         let handle = match self.node(ino)? {
-            Node::Staged(id) => self.open_staged(&id, truncate)?,
+            Node::Staged(id) => match self.published_node(&id) {
+                Some(Node::Entry { key, name, .. }) if truncate => {
+                    let (id, file) = self.stage(&key, &name)?;
+                    Handle::Staged(Mutex::new(StagedHandle {
+                        id,
+                        key,
+                        name,
+                        file,
+                    }))
+                }
+                Some(_) => return Err(FsError::NotPermitted("published entries are immutable")),
+                None => self.open_staged(&id, truncate)?,
+            },
             Node::Entry { key, name, .. } => {
                 if !truncate {
                     tracing::info!("key {key}: {name}: published entries cannot be modified (open with O_TRUNC to write a new version)");
@@ -351,6 +400,9 @@ impl Core {
     /// `setattr(size)`: staged files may change size; published ones may not.
     pub async fn truncate(self: &Arc<Self>, ino: u64, size: u64) -> Result<Attr, FsError> {
         match self.node(ino)? {
+            Node::Staged(id) if self.published_as(&id).is_some() => {
+                Err(FsError::NotPermitted("published entries are immutable"))
+            }
             Node::Staged(id) => {
                 let outbox = self.writable_outbox()?;
                 OpenOptions::new()
@@ -358,6 +410,15 @@ impl Core {
                     .open(outbox.data_path(&id))?
                     .set_len(size)?;
                 self.mark_dirty(&id);
+                // The running digest stays valid only for a size it already covers
+                // exactly; emptying the file starts a new one.
+                let mut st = lock(&self.staging);
+                if size == 0 {
+                    st.seq.0.insert(id.clone(), StreamHasher::default());
+                } else if st.seq.0.get(&id).is_some_and(|h| h.len() != size) {
+                    st.seq.0.remove(&id);
+                }
+                drop(st);
                 self.staged_attr(&id)
             }
             Node::Entry { key, name, .. } => {
@@ -454,7 +515,14 @@ impl Core {
                         .fetch_add(p.len, std::sync::atomic::Ordering::Relaxed);
                 }
                 let _ = outbox.remove(id);
-                lock(&self.staging).remove(id);
+                {
+                    let mut st = lock(&self.staging);
+                    st.remove(id);
+                    st.published.insert(
+                        id.to_string(),
+                        (p.key.clone(), p.name.clone(), p.sha, p.len),
+                    );
+                }
                 // Show the new entry at once: ask shadir now, then make the kernel forget
                 // what it cached under that name.
                 if let Err(e) = self.refresh(&p.key).await {

@@ -27,9 +27,32 @@ pub struct FuseFs {
     /// Passthrough wanted (`--passthrough auto`) and granted by the kernel.
     passthrough: Arc<AtomicBool>,
     want_passthrough: bool,
-    /// Backing files registered for passthrough, kept until the handle is released
+    /// Backing files registered for passthrough, one per inode (the kernel attaches a
+    /// single backing file to an inode: a second, different one fails the open with
+    /// EIO), shared by that inode's open handles and released with the last of them
     /// (dropping one early makes the kernel fail reads with EIO).
-    backing: Arc<Mutex<HashMap<u64, BackingId>>>,
+    backing: Arc<Mutex<Backing>>,
+}
+
+/// Passthrough backing ids by inode, with the handles using each.
+#[derive(Default)]
+struct Backing {
+    by_ino: HashMap<u64, (BackingId, usize)>,
+    ino_of_fh: HashMap<u64, u64>,
+}
+
+impl Backing {
+    fn release(&mut self, fh: u64) {
+        let Some(ino) = self.ino_of_fh.remove(&fh) else {
+            return;
+        };
+        if let Some((_, users)) = self.by_ino.get_mut(&ino) {
+            *users -= 1;
+            if *users == 0 {
+                self.by_ino.remove(&ino);
+            }
+        }
+    }
 }
 
 impl FuseFs {
@@ -39,7 +62,7 @@ impl FuseFs {
             rt,
             passthrough: Arc::new(AtomicBool::new(false)),
             want_passthrough,
-            backing: Arc::new(Mutex::new(HashMap::new())),
+            backing: Arc::new(Mutex::new(Backing::default())),
         }
     }
 }
@@ -220,13 +243,18 @@ impl Filesystem for FuseFs {
             }
             if passthrough.load(Ordering::Relaxed) {
                 if let Some(file) = handle.backing_file() {
+                    let mut b = backing.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some((id, users)) = b.by_ino.get_mut(&ino) {
+                        *users += 1;
+                        reply.opened_passthrough(fh, 0, id);
+                        b.ino_of_fh.insert(fh, ino);
+                        return;
+                    }
                     match reply.open_backing(file) {
                         Ok(id) => {
                             reply.opened_passthrough(fh, 0, &id);
-                            backing
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(fh, id);
+                            b.by_ino.insert(ino, (id, 1));
+                            b.ino_of_fh.insert(fh, ino);
                             return;
                         }
                         Err(e) => {
@@ -275,7 +303,7 @@ impl Filesystem for FuseFs {
         self.backing
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh);
+            .release(fh);
         let core = self.core.clone();
         self.rt.spawn(async move {
             core.release_handle(fh).await;

@@ -1,0 +1,391 @@
+//! Operating shacachefs: `mount -t fuse.shacachefs` through the mount helper, `status`
+//! counters from the running daemon, and no secret in a debug log. Real mounts, as root;
+//! these fail (never skip) when FUSE cannot be used.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn assert_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "FUSE is required: /dev/fuse is missing"
+    );
+    // SAFETY: getuid has no preconditions.
+    assert_eq!(unsafe { libc::getuid() }, 0, "real-mount tests run as root");
+}
+
+fn mounted(mnt: &Path) -> bool {
+    let want = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(want.to_str().unwrap_or("")))
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A foreground mount that is unmounted and reaped when dropped.
+struct Mount {
+    mnt: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mount {
+    fn start(config: &Path, dir: &Path, extra: &[&str]) -> Mount {
+        assert_fuse();
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let log = dir.join("mount.log");
+        let mut cmd = Command::new(shacachefs_bin());
+        cmd.arg("mount").arg("-f").arg("-c").arg(config);
+        cmd.arg("--cache-dir").arg(dir.join("cache"));
+        cmd.args(extra).arg(&mnt);
+        without_proxy(&mut cmd);
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().expect("cannot start shacachefs mount");
+        let m = Mount {
+            mnt,
+            child: Some(child),
+            log,
+        };
+        wait_for("the mount", Duration::from_secs(15), || mounted(&m.mnt));
+        m
+    }
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if mounted(&self.mnt) {
+            let ok = Command::new("umount")
+                .arg(&self.mnt)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Writes a file and closes it, returning the error of `close()` (which `std::fs::write`
+/// and `File`'s drop ignore): that is where shacachefs reports a failed upload.
+fn write_and_close(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    let fd = f.into_raw_fd();
+    // SAFETY: we own the descriptor and close it once.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn status_json(mnt: &Path) -> serde_json::Value {
+    let out = run(shacachefs([
+        "status".as_ref(),
+        "--json".as_ref(),
+        mnt.as_os_str(),
+    ]));
+    out.assert_success();
+    serde_json::from_str(&out.stdout_text()).expect("status --json prints JSON")
+}
+
+#[test]
+fn status_counters_follow_reads_and_uploads() {
+    let server = TestServer::start();
+    let dir = tempdir();
+    let cfg = server.config().signer_a().write(dir.path(), "cfg");
+    let src = dir.path().join("blob.bin");
+    std::fs::write(&src, pseudo_random_bytes(3 << 20, 7)).unwrap();
+    run(shacachefs([
+        "upload".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+        "-f".as_ref(),
+        src.as_os_str(),
+        "-k".as_ref(),
+        "k".as_ref(),
+        "file=blob.bin".as_ref(),
+    ]))
+    .assert_success();
+    let m = Mount::start(&cfg, dir.path(), &["-k", "k"]);
+    let before = status_json(&m.mnt);
+    assert_eq!(before["shadir"], "answers", "{before}");
+    assert_eq!(before["shacache"], "answers", "{before}");
+    assert_eq!(before["signature_mode"], "verified (1 certificates)");
+    assert_eq!(before["writable"], true);
+    assert_eq!(before["bytes_fetched"], 0);
+
+    let data = std::fs::read(m.mnt.join("k/blob.bin")).unwrap();
+    assert_eq!(data.len(), 3 << 20);
+    let after_read = status_json(&m.mnt);
+    assert_eq!(after_read["bytes_fetched"], 3 << 20, "{after_read}");
+    assert_eq!(after_read["misses"], 1, "{after_read}");
+    assert_eq!(after_read["cache"]["blobs"], 1, "{after_read}");
+
+    write_and_close(&m.mnt.join("k/new.txt"), b"uploaded through the mount\n").unwrap();
+    let after_write = status_json(&m.mnt);
+    assert_eq!(after_write["entries_published"], 1, "{after_write}");
+    assert_eq!(after_write["bytes_uploaded"], 27, "{after_write}");
+    assert_eq!(after_write["outbox_pending"], 0, "{after_write}");
+
+    // The human form names the same figures.
+    let text = run(shacachefs(["status".as_ref(), m.mnt.as_os_str()]));
+    text.assert_success();
+    assert!(
+        text.stdout_text()
+            .contains("1 entries published, 27 bytes uploaded"),
+        "{}",
+        text.stdout_text()
+    );
+    // Not a shacachefs mount: a clear error.
+    run(shacachefs(["status".as_ref(), dir.path().as_os_str()])).assert_failure();
+}
+
+#[test]
+fn no_secret_in_a_debug_log_of_an_authenticated_upload() {
+    let secret = "s3cr3t-Pa55";
+    let server =
+        TestServer::start_with(|o| o.upload_user = Some(("uploader".into(), secret.into())));
+    let dir = tempdir();
+    let with_creds =
+        |base: &str| base.replacen("http://", &format!("http://uploader:{secret}@"), 1);
+    let mut conf = server.config().signer_a();
+    conf.upload_cache_url = Some(with_creds(&server.cache_url()));
+    conf.upload_dir_url = Some(with_creds(&server.dir_url()));
+    let cfg = conf.write(dir.path(), "cfg");
+
+    // Through the mount, at debug level.
+    let m = Mount::start(
+        &cfg,
+        dir.path(),
+        &["--log-level", "debug", "-k", "auth-key"],
+    );
+    std::fs::create_dir_all(m.mnt.join("auth-key")).ok();
+    write_and_close(&m.mnt.join("auth-key/a.txt"), b"authenticated\n").unwrap();
+    let listing = std::fs::read_dir(m.mnt.join("auth-key")).unwrap().count();
+    assert!(listing >= 1);
+    drop(m);
+    let log = std::fs::read_to_string(dir.path().join("mount.log")).unwrap();
+    assert!(
+        log.contains("a.txt published"),
+        "the upload happened: {log}"
+    );
+    assert!(
+        !log.contains(secret),
+        "the password leaked into the mount's debug log"
+    );
+
+    // Through the command, at debug level, including a refused upload's error message.
+    let src = dir.path().join("b.txt");
+    std::fs::write(&src, b"b").unwrap();
+    let out = run(shacachefs([
+        "--log-level".as_ref(),
+        "debug".as_ref(),
+        "upload".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+        "-f".as_ref(),
+        src.as_os_str(),
+        "-k".as_ref(),
+        "auth-key".as_ref(),
+        "file=b.txt".as_ref(),
+    ]));
+    out.assert_success();
+    assert!(
+        !out.stderr_text().contains(secret),
+        "the password leaked: {}",
+        out.stderr_text()
+    );
+    let mut wrong = conf.clone();
+    wrong.upload_cache_url = Some(server.cache_url().replacen(
+        "http://",
+        "http://uploader:wrong-Pa55@",
+        1,
+    ));
+    let bad = wrong.write(dir.path(), "bad.cfg");
+    let src2 = dir.path().join("c.txt");
+    std::fs::write(&src2, b"c is new").unwrap();
+    let out = run(shacachefs([
+        "--log-level".as_ref(),
+        "debug".as_ref(),
+        "upload".as_ref(),
+        "-c".as_ref(),
+        bad.as_os_str(),
+        "-f".as_ref(),
+        src2.as_os_str(),
+        "-k".as_ref(),
+        "auth-key".as_ref(),
+        "file=c.txt".as_ref(),
+    ]));
+    out.assert_failure();
+    assert!(
+        out.stderr_text().contains("refused"),
+        "{}",
+        out.stderr_text()
+    );
+    assert!(
+        !out.stderr_text().contains("wrong-Pa55"),
+        "the password leaked: {}",
+        out.stderr_text()
+    );
+}
+
+/// Installs `/sbin/mount.fuse.shacachefs` (a link to the binary under test) for the
+/// test's duration, unless one is already there.
+struct HelperLink(Option<PathBuf>);
+
+impl HelperLink {
+    fn install() -> HelperLink {
+        let link = PathBuf::from("/sbin/mount.fuse.shacachefs");
+        if link.symlink_metadata().is_ok() {
+            return HelperLink(None);
+        }
+        std::os::unix::fs::symlink(shacachefs_bin(), &link)
+            .expect("cannot create /sbin/mount.fuse.shacachefs");
+        HelperLink(Some(link))
+    }
+}
+
+impl Drop for HelperLink {
+    fn drop(&mut self) {
+        if let Some(l) = &self.0 {
+            let _ = std::fs::remove_file(l);
+        }
+    }
+}
+
+#[test]
+fn fstab_style_mount_and_umount() {
+    assert_fuse();
+    let server = TestServer::start();
+    let dir = tempdir();
+    let cfg = server.config().signer_a().write(dir.path(), "cfg");
+    let src = dir.path().join("f.txt");
+    std::fs::write(&src, b"mounted the usual way\n").unwrap();
+    run(shacachefs([
+        "upload".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+        "-f".as_ref(),
+        src.as_os_str(),
+        "-k".as_ref(),
+        "fstab-key".as_ref(),
+        "file=f.txt".as_ref(),
+    ]))
+    .assert_success();
+    let _link = HelperLink::install();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let opts = format!(
+        "cache_dir={},key=fstab-key,dir_ttl=5,_netdev,nofail",
+        dir.path().join("cache").display()
+    );
+    let mut cmd = Command::new("mount");
+    cmd.args(["-t", "fuse.shacachefs"])
+        .arg(&cfg)
+        .arg(&mnt)
+        .args(["-o", &opts]);
+    without_proxy(&mut cmd);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    out.assert_success();
+    assert!(
+        mounted(&mnt),
+        "mount -t fuse.shacachefs returned but nothing is mounted"
+    );
+    let read = std::fs::read(mnt.join("fstab-key/f.txt"));
+    let names: Vec<String> = std::fs::read_dir(&mnt)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let umount = Command::new("umount").arg(&mnt).status().expect("umount");
+    if !umount.success() {
+        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    }
+    assert_eq!(
+        read.expect("read through the fstab-style mount"),
+        b"mounted the usual way\n"
+    );
+    assert!(names.contains(&"fstab-key".to_string()), "{names:?}");
+    assert!(umount.success(), "umount failed");
+    assert!(!mounted(&mnt));
+    // The daemon ends with the unmount.
+    wait_for("the daemon to exit", Duration::from_secs(10), || {
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("mount -c {}", cfg.display())])
+            .output();
+        out.map(|o| o.stdout.is_empty()).unwrap_or(true)
+    });
+}
+
+#[test]
+fn pending_uploads_are_reported_at_mount_time() {
+    let server = TestServer::start();
+    let dir = tempdir();
+    // Uploads go to a port nobody listens on: the copy fails and stays pending.
+    let mut broken = server.config().signer_a();
+    broken.upload_cache_url = Some("http://127.0.0.1:9/shacache".into());
+    let broken = broken.write(dir.path(), "broken.cfg");
+    let good = server.config().signer_a().write(dir.path(), "good.cfg");
+    {
+        let m = Mount::start(&broken, dir.path(), &["-k", "p"]);
+        std::fs::create_dir_all(m.mnt.join("p")).ok();
+        let err = write_and_close(&m.mnt.join("p/late.txt"), b"not yet\n").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    }
+    let m = Mount::start(&good, dir.path(), &["-k", "p"]);
+    assert!(
+        m.log_text().contains("1 upload(s) pending"),
+        "{}",
+        m.log_text()
+    );
+    let out = Command::new("getfattr")
+        .args(["-n", "user.shacachefs.pending", "--only-values"])
+        .arg(m.mnt.join("p/late.txt"))
+        .output()
+        .expect("getfattr");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("127.0.0.1:9"),
+        "{out:?}"
+    );
+    assert_eq!(
+        std::fs::read(m.mnt.join("p/late.txt")).unwrap(),
+        b"not yet\n"
+    );
+}
