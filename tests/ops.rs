@@ -63,9 +63,6 @@ impl Mount {
         wait_for("the mount", Duration::from_secs(15), || mounted(&m.mnt));
         m
     }
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
