@@ -231,6 +231,18 @@ pub struct MountArgs {
     /// Retry pending uploads in the background (bounded backoff).
     #[arg(long)]
     pub retry_uploads: bool,
+    /// Seconds without progress after which a transfer fails (an open then fails with EIO).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub low_speed_timeout: u64,
+    /// Seconds allowed to set up a connection.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub connect_timeout: u64,
+    /// Largest shadir answer accepted (K, M, G suffixes).
+    #[arg(long, default_value = "64M", value_name = "SIZE", value_parser = parse_size)]
+    pub max_dir_body: u64,
+    /// Deepest JSON nesting accepted in a shadir answer.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub max_json_depth: usize,
     /// Set by `-o ro`.
     #[arg(skip)]
     pub options_ro: bool,

@@ -118,7 +118,17 @@ fn main() -> ExitCode {
         Command::Serve(_) | Command::Mount(_) => "info",
         _ => "warn",
     };
-    init_logging(Some(cli.log_level.as_deref().unwrap_or(default_level)));
+    // `-o log_level=…` (fstab) is the mount's spelling of --log-level.
+    let o_level = match &cli.command {
+        Command::Mount(m) => m
+            .options
+            .iter()
+            .flat_map(|o| o.split(','))
+            .find_map(|o| o.strip_prefix("log_level=").map(str::to_string)),
+        _ => None,
+    };
+    let level = cli.log_level.clone().or(o_level);
+    init_logging(Some(level.as_deref().unwrap_or(default_level)));
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

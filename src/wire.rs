@@ -46,6 +46,41 @@ pub enum WireError {
     MissingSha512,
     #[error("entry's sha512 is invalid: {0}")]
     BadSha512(String),
+    #[error("JSON nested deeper than {0} levels")]
+    TooDeep(usize),
+}
+
+/// Nesting allowed in a shadir body by default (a listing needs 2; entries' metadata
+/// rarely more than a few).
+pub const DEFAULT_MAX_DEPTH: usize = 32;
+
+/// Refuses JSON nested deeper than `max` before any parser recurses into it: a quick
+/// scan of brackets outside strings.
+pub fn check_depth(text: &[u8], max: usize) -> Result<(), WireError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(WireError::TooDeep(max));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A parsed listing: the well-formed pairs, and why the others were dropped.
@@ -55,8 +90,14 @@ pub struct Listing {
     pub rejected: Vec<WireError>,
 }
 
-/// Parses a shadir `GET` body.
+/// Parses a shadir `GET` body (nesting bounded by [`DEFAULT_MAX_DEPTH`]).
 pub fn parse_listing(body: &[u8]) -> Result<Listing, WireError> {
+    parse_listing_with(body, DEFAULT_MAX_DEPTH)
+}
+
+/// Parses a shadir `GET` body nested at most `max_depth` levels.
+pub fn parse_listing_with(body: &[u8], max_depth: usize) -> Result<Listing, WireError> {
+    check_depth(body, max_depth)?;
     let value: Value =
         serde_json::from_slice(body).map_err(|e| WireError::NotJson(e.to_string()))?;
     let Value::Array(items) = value else {
@@ -108,6 +149,7 @@ impl EntryInfo {
     /// Parses `inner`. A `sha512` must be 128 lowercase hex digits: that is the only form
     /// a blob can be fetched by, so anything else is refused rather than guessed at.
     pub fn parse(inner: &str) -> Result<Self, WireError> {
+        check_depth(inner.as_bytes(), DEFAULT_MAX_DEPTH)?;
         let value: Value =
             serde_json::from_str(inner).map_err(|e| WireError::InnerNotJson(e.to_string()))?;
         let Value::Object(metadata) = value else {
@@ -232,10 +274,24 @@ mod tests {
     #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
         let body = "[".repeat(100_000) + &"]".repeat(100_000);
+        assert_eq!(
+            parse_listing(body.as_bytes()).unwrap_err(),
+            WireError::TooDeep(DEFAULT_MAX_DEPTH)
+        );
+        let inner = format!(
+            r#"{{"sha512": "x", "m": {}{}}}"#,
+            "[".repeat(50),
+            "]".repeat(50)
+        );
         assert!(matches!(
-            parse_listing(body.as_bytes()),
-            Err(WireError::NotJson(_))
+            EntryInfo::parse(&inner),
+            Err(WireError::TooDeep(_))
         ));
+        // Brackets inside strings do not count; escaped quotes do not end strings.
+        let ok = br#"[["{\"a\": \"[[[[[[\\\"[[\"}", ""]]"#;
+        assert!(check_depth(ok, 2).is_ok());
+        assert!(check_depth(b"[[[]]]", 2).is_err());
+        assert!(parse_listing_with(br#"[["{}", ""]]"#, 2).is_ok());
     }
 
     #[test]

@@ -40,7 +40,12 @@ pub fn load_config(path: Option<&Path>) -> Result<Config> {
 
 /// A client for a configuration, with its warnings logged.
 pub fn client_for(cfg: &Config) -> Result<Client> {
-    let client = Client::from_config(cfg, Limits::default()).with_context(|| {
+    client_with(cfg, Limits::default())
+}
+
+/// The same with chosen timeouts and bounds.
+pub fn client_with(cfg: &Config, limits: Limits) -> Result<Client> {
+    let client = Client::from_config(cfg, limits).with_context(|| {
         format!(
             "{}: cannot set up the network cache client",
             cfg.source.display()

@@ -1,7 +1,7 @@
 //! `shacachefs mount`: configuration (or the embedded default), cache, client, core,
 //! then the FUSE session until unmounted, SIGINT or SIGTERM.
 
-use super::{client_for, load_config};
+use super::load_config;
 use crate::cache::{Cache, CacheOptions};
 use crate::cli::{parse_size, MountArgs};
 use crate::config::Config;
@@ -53,6 +53,20 @@ pub fn apply_options(args: &mut MountArgs) -> Result<()> {
             }
             "key" => args.keys.push(need(&value)?),
             "log_file" => args.log_file = Some(PathBuf::from(need(&value)?)),
+            "low_speed_timeout" => {
+                args.low_speed_timeout = need(&value)?.parse().context("-o low_speed_timeout")?
+            }
+            "connect_timeout" => {
+                args.connect_timeout = need(&value)?.parse().context("-o connect_timeout")?
+            }
+            "max_dir_body" => {
+                args.max_dir_body = parse_size(&need(&value)?).map_err(anyhow::Error::msg)?
+            }
+            "max_json_depth" => {
+                args.max_json_depth = need(&value)?.parse().context("-o max_json_depth")?
+            }
+            // Handled by main before logging starts.
+            "log_level" => {}
             "config" => args.config.config = Some(PathBuf::from(need(&value)?)),
             // Generic mount(8) options that mean nothing more here.
             "rw" | "defaults" | "auto" | "noauto" | "nofail" | "user" | "users" | "nouser"
@@ -264,7 +278,14 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
         );
     }
     let (cfg, server, namespace) = resolve_config(args.config.config.clone()).await?;
-    let client = client_for(&cfg)?;
+    let limits = crate::remote::Limits {
+        connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+        low_speed_timeout: Duration::from_secs(args.low_speed_timeout.max(1)),
+        max_dir_body: args.max_dir_body,
+        max_json_depth: args.max_json_depth.max(2),
+        ..crate::remote::Limits::default()
+    };
+    let client = super::client_with(&cfg, limits)?;
     if !client.remote.can_download() {
         bail!(
             "{}: download-cache-url and download-dir-url are required to mount",

@@ -252,7 +252,13 @@ impl Core {
         };
         let staging = write::Staging::load(outbox.as_ref(), &opts.namespace);
         // A key holding a pending file exists here even if shadir never heard of it.
-        let local_keys: BTreeSet<String> = staging.keys().into_iter().collect();
+        // So does a key named at mount time: the root lists it, so it must open (an
+        // empty directory until shadir has entries for it).
+        let local_keys: BTreeSet<String> = staging
+            .keys()
+            .into_iter()
+            .chain(opts.keys.iter().cloned())
+            .collect();
         let staging = Mutex::new(staging);
         Arc::new(Core {
             outbox,

@@ -5,7 +5,7 @@
 
 use super::http::{self, log_answer, net_error, protocol_error, retry, timeout_error};
 use super::{DirListing, Remote, RemoteError};
-use crate::wire::{key_to_path_segment, parse_listing, RawEntry};
+use crate::wire::{key_to_path_segment, parse_listing_with, RawEntry};
 use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::StatusCode;
 use std::time::Instant;
@@ -58,7 +58,8 @@ async fn get_once(remote: &Remote, url: &str) -> Result<DirListing, RemoteError>
         }
         body.extend_from_slice(&chunk);
     }
-    let listing = parse_listing(&body).map_err(|e| protocol_error(url, e.to_string()))?;
+    let listing = parse_listing_with(&body, inner.limits.max_json_depth)
+        .map_err(|e| protocol_error(url, e.to_string()))?;
     if !listing.rejected.is_empty() {
         tracing::warn!(
             %url, rejected = listing.rejected.len(), first = %listing.rejected[0],

@@ -73,6 +73,8 @@ pub struct Limits {
     pub backoff: Duration,
     /// Largest shadir body accepted.
     pub max_dir_body: u64,
+    /// Deepest JSON nesting accepted in a shadir body.
+    pub max_json_depth: usize,
 }
 
 impl Default for Limits {
@@ -85,6 +87,7 @@ impl Default for Limits {
             attempts: 4,
             backoff: Duration::from_millis(250),
             max_dir_body: 64 << 20,
+            max_json_depth: crate::wire::DEFAULT_MAX_DEPTH,
         }
     }
 }
