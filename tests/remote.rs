@@ -212,6 +212,7 @@ fn limits() -> Limits {
         attempts: 3,
         backoff: Duration::from_millis(10),
         max_dir_body: 1 << 20,
+        max_json_depth: shacachefs::wire::DEFAULT_MAX_DEPTH,
     }
 }
 
