@@ -121,6 +121,17 @@ pub(crate) struct OpenLock {
 }
 
 impl OpenLock {
+    /// True when this process can take the lock exclusively now (nobody else uses the
+    /// cache); the lock is then shared again.
+    pub(crate) fn try_exclusive(&self) -> bool {
+        let Some(f) = &self.file else {
+            return false;
+        };
+        let alone = matches!(flock(f, libc::LOCK_EX | libc::LOCK_NB), Ok(true));
+        let _ = flock(f, libc::LOCK_SH);
+        alone
+    }
+
     pub(crate) fn acquire(path: &Path) -> io::Result<OpenLock> {
         let file = OpenOptions::new()
             .create(true)

@@ -37,8 +37,11 @@ use blobs::BlobStore;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tables::Tables;
+
+/// Present while a session uses the cache; removed by [`Cache::close`].
+const UNCLEAN_MARKER: &str = "unclean";
 
 /// The layout version this code reads and writes (`DIR/layout`).
 pub const LAYOUT_VERSION: u32 = 1;
@@ -182,6 +185,36 @@ impl Cache {
         lock.share();
         let ns_dir = namespace_dir(&v1, &tmp, &opts.namespace)?;
         let blobs = BlobStore::open(v1.join("blobs"), v1.clone(), opts.max_bytes)?;
+        // Blobs are fsynced after they are named (see `blobs::insert`): a session that
+        // did not end cleanly may have left, after a machine crash, a blob whose bytes
+        // never reached the disk. Re-hash what that session wrote or touched.
+        let marker = v1.join(UNCLEAN_MARKER);
+        if let Some(since) = std::fs::metadata(&marker)
+            .ok()
+            .and_then(|m| m.modified().ok())
+        {
+            if lock.alone {
+                let since = since.checked_sub(Duration::from_secs(60)).unwrap_or(since);
+                match blobs.fsck_since(Some(since)) {
+                    Ok(r) if !r.removed.is_empty() => tracing::warn!(
+                        "cache {}: the last session did not end cleanly; {} of {} recent blobs were wrong and removed",
+                        dir.display(),
+                        r.removed.len(),
+                        r.checked
+                    ),
+                    Ok(r) => tracing::info!(
+                        "cache {}: the last session did not end cleanly; {} recent blobs re-checked",
+                        dir.display(),
+                        r.checked
+                    ),
+                    Err(e) => tracing::warn!("cache {}: re-checking recent blobs: {e}", dir.display()),
+                }
+            }
+        }
+        let _ = std::fs::write(
+            &marker,
+            b"a session using this cache is running or ended without closing it\n",
+        );
         let tables = Tables::load(&v1, &ns_dir, &tmp);
         Ok(Arc::new(Cache {
             dir,
@@ -190,6 +223,20 @@ impl Cache {
             tables,
             _lock: lock,
         }))
+    }
+
+    /// Ends a session cleanly: saves the tables and, when no other process uses the
+    /// cache, removes the marker that makes the next open re-check recent blobs.
+    pub fn close(&self) -> Result<(), CacheError> {
+        self.flush()?;
+        if self._lock.try_exclusive() {
+            let _ = std::fs::remove_file(
+                self.dir
+                    .join(format!("v{LAYOUT_VERSION}"))
+                    .join(UNCLEAN_MARKER),
+            );
+        }
+        Ok(())
     }
 
     /// The cache directory given at open.

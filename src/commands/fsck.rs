@@ -15,6 +15,7 @@ pub fn run(args: FsckArgs) -> Result<()> {
         namespace: String::new(),
     })?;
     let report = cache.fsck()?;
+    cache.close()?;
     println!(
         "{}: {} blobs checked ({} bytes), {} removed",
         dir.display(),

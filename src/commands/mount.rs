@@ -206,7 +206,7 @@ pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> 
         }
     });
     let ran = tokio::task::spawn_blocking(move || session.run()).await?;
-    if let Err(e) = core.cache().flush() {
+    if let Err(e) = core.cache().close() {
         tracing::warn!("saving cache tables: {e}");
     }
     ran.context("FUSE session")?;
@@ -342,7 +342,7 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
             keys,
             uid,
             gid,
-            probe_concurrency: 16,
+            probe_concurrency: 64,
             writable,
             extra_meta,
             namespace,

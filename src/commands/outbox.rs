@@ -131,7 +131,7 @@ async fn retry(
             }
         }
     }
-    let _ = cache.flush();
+    let _ = cache.close();
     if failed > 0 {
         bail!("{failed} upload(s) failed ({done} published); the files stay in the outbox");
     }

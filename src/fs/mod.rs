@@ -935,6 +935,13 @@ impl Core {
         }
     }
 
+    /// True when `fh` is a file being written (its release may publish).
+    pub fn is_staged_handle(&self, fh: u64) -> bool {
+        lock(&self.handles)
+            .get(&fh)
+            .is_some_and(|h| matches!(**h, Handle::Staged(_)))
+    }
+
     /// `release(fh)`: unpins the blob, forgets the handle.
     pub fn release(&self, fh: u64) {
         lock(&self.handles).remove(&fh);

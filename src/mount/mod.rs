@@ -20,6 +20,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::runtime::Handle;
 
+/// `FOPEN_NOFLUSH` (fuser 0.16 has no name for it): closing a read-only blob needs no
+/// FLUSH round trip.
+const FOPEN_NOFLUSH: u32 = 1 << 5;
+/// Blobs never change: keep their page cache across opens, and skip the flush. (With
+/// passthrough, `FOPEN_KEEP_CACHE` made reads fail with EIO, and the backing file has
+/// the page cache anyway: only `FOPEN_NOFLUSH` is given there.)
+// Observed on Linux 6.18: a passthrough open with FOPEN_KEEP_CACHE fails reads with EIO.
+const READ_FLAGS: u32 = consts::FOPEN_KEEP_CACHE | FOPEN_NOFLUSH;
+
 /// The adapter.
 pub struct FuseFs {
     core: Arc<Core>,
@@ -246,13 +255,13 @@ impl Filesystem for FuseFs {
                     let mut b = backing.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some((id, users)) = b.by_ino.get_mut(&ino) {
                         *users += 1;
-                        reply.opened_passthrough(fh, 0, id);
+                        reply.opened_passthrough(fh, FOPEN_NOFLUSH, id);
                         b.ino_of_fh.insert(fh, ino);
                         return;
                     }
                     match reply.open_backing(file) {
                         Ok(id) => {
-                            reply.opened_passthrough(fh, 0, &id);
+                            reply.opened_passthrough(fh, FOPEN_NOFLUSH, &id);
                             b.by_ino.insert(ino, (id, 1));
                             b.ino_of_fh.insert(fh, ino);
                             return;
@@ -267,7 +276,7 @@ impl Filesystem for FuseFs {
                     }
                 }
             }
-            reply.opened(fh, consts::FOPEN_KEEP_CACHE);
+            reply.opened(fh, READ_FLAGS);
         });
     }
 
@@ -304,6 +313,11 @@ impl Filesystem for FuseFs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .release(fh);
+        // Read handles are released here; a staged file may still have to publish.
+        if !self.core.is_staged_handle(fh) {
+            self.core.release(fh);
+            return reply.ok();
+        }
         let core = self.core.clone();
         self.rt.spawn(async move {
             core.release_handle(fh).await;
@@ -476,6 +490,10 @@ impl Filesystem for FuseFs {
         size: u32,
         reply: ReplyXattr,
     ) {
+        // `ls -l` asks every file for security.* and system.* attributes: none exist.
+        if !name.as_encoded_bytes().starts_with(b"user.") {
+            return reply.error(libc::ENODATA);
+        }
         let core = self.core.clone();
         let name = name.to_string_lossy().into_owned();
         self.rt.spawn(async move {
