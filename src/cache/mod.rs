@@ -182,6 +182,7 @@ impl Cache {
         let lock_path = v1.join("open.lock");
         let mut lock = disk::OpenLock::acquire(&lock_path).map_err(io_err(&lock_path))?;
         disk::clean_tmp(&tmp, lock.alone);
+        let alone = lock.alone;
         lock.share();
         let ns_dir = namespace_dir(&v1, &tmp, &opts.namespace)?;
         let blobs = BlobStore::open(v1.join("blobs"), v1.clone(), opts.max_bytes)?;
@@ -193,7 +194,7 @@ impl Cache {
             .ok()
             .and_then(|m| m.modified().ok())
         {
-            if lock.alone {
+            if alone {
                 let since = since.checked_sub(Duration::from_secs(60)).unwrap_or(since);
                 match blobs.fsck_since(Some(since)) {
                     Ok(r) if !r.removed.is_empty() => tracing::warn!(

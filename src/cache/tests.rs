@@ -454,3 +454,37 @@ fn pins_work_across_threads() {
     }
     assert_eq!(cache.usage(), (6, 1 << 20, 1));
 }
+
+#[test]
+fn an_unclean_session_has_its_recent_blobs_rechecked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = {
+        let cache = open(dir.path(), 1 << 30);
+        (put(&cache, b"kept intact"), put(&cache, b"will be damaged"))
+        // Dropped without `close`: as after a crash, the marker stays.
+    };
+    let path = dir
+        .path()
+        .join("v1/blobs")
+        .join(&bad.hex()[..2])
+        .join(bad.hex());
+    std::fs::write(&path, b"WILL be damaged").unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    assert!(
+        cache.lookup_blob(&bad).is_none(),
+        "the damaged blob is removed at open"
+    );
+    assert!(cache.lookup_blob(&good).is_some());
+    cache.close().unwrap();
+    drop(cache);
+    // After a clean close nothing is re-hashed: damage done now is only found by fsck.
+    let path = dir
+        .path()
+        .join("v1/blobs")
+        .join(&good.hex()[..2])
+        .join(good.hex());
+    std::fs::write(&path, b"KEPT intact").unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    assert!(cache.lookup_blob(&good).is_some());
+    assert_eq!(cache.fsck().unwrap().removed, vec![good]);
+}
