@@ -53,8 +53,8 @@ impl Criterion {
     /// Parses `KEY<op>VALUE`, splitting at the first operator as the reference client's
     /// regular expression `(<<|>>|[<>]=?|==)` does.
     pub fn parse(text: &str) -> Result<Self, FilterError> {
-        let bytes = text.as_bytes();
-        for i in 0..bytes.len() {
+        // Operators are ASCII: only character boundaries can start one.
+        for (i, _) in text.char_indices() {
             let rest = &text[i..];
             let found = [
                 ("<<", Op::Lowest),
@@ -245,6 +245,13 @@ mod tests {
         ));
         assert!(Criterion::parse("os==\"linux\"").is_ok());
         assert!(Criterion::parse("v<<Infinity").is_ok());
+        // Non-ASCII keys and values (found by fuzzing: slicing inside a character).
+        let c = Criterion::parse("clé==\"été\"").unwrap();
+        assert_eq!((c.key.as_str(), c.op), ("clé", Op::Eq));
+        assert!(matches!(
+            Criterion::parse("é"),
+            Err(FilterError::NoOperator(_))
+        ));
     }
 
     #[test]

@@ -123,7 +123,11 @@ impl Outbox {
             .create_new(true)
             .open(dir.join("data"))?;
         let item = Item { id, meta };
-        self.save(&item)?;
+        if let Err(e) = self.save(&item) {
+            // No half-made item: nothing was written into it yet.
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         Ok((item, file))
     }
 

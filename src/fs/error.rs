@@ -81,9 +81,10 @@ fn cache_errno(e: &CacheError) -> i32 {
 }
 
 fn io_errno(e: &std::io::Error) -> i32 {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) => libc::ENOSPC,
-        Some(libc::EDQUOT) => libc::ENOSPC,
+    // Errors wrapped by other crates (tempfile) keep their kind but not the raw code.
+    match (e.raw_os_error(), e.kind()) {
+        (Some(libc::ENOSPC) | Some(libc::EDQUOT), _) => libc::ENOSPC,
+        (_, std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) => libc::ENOSPC,
         _ => libc::EIO,
     }
 }

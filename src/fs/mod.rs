@@ -376,6 +376,11 @@ impl Core {
         self.fetch_listing(key, false).await
     }
 
+    /// The listing of a key (`None` is an error here: the caller knows it exists).
+    async fn refresh_if_needed(self: &Arc<Self>, key: &str) -> Result<Arc<KeyListing>, FsError> {
+        self.listing(key).await?.ok_or(FsError::NotFound)
+    }
+
     /// Asks shadir again now, whatever the TTL (after a write through this mount).
     pub async fn refresh(self: &Arc<Self>, key: &str) -> Result<Option<Arc<KeyListing>>, FsError> {
         self.fetch_listing(key, true).await
@@ -991,6 +996,31 @@ impl Core {
                         if cached { b"1".to_vec() } else { b"0".to_vec() },
                     ),
                 ])
+            }
+            Node::Staged(id) if self.published_node(&id).is_some() => {
+                // Published a moment ago; the kernel has not forgotten the staged inode.
+                match self.published_node(&id) {
+                    Some(Node::Entry { key, name, sha }) => {
+                        let listing = self.refresh_if_needed(&key).await?;
+                        match listing
+                            .files
+                            .get(&name)
+                            .filter(|f| f.entry.info.sha512 == sha)
+                        {
+                            Some(f) => Ok(xattr::entry_xattrs(
+                                &sha.hex(),
+                                &f.entry.info.metadata,
+                                f.entry.signer.label(),
+                                self.cache.lookup_blob(&sha).is_some(),
+                            )),
+                            None => Ok(vec![(
+                                "user.shacache.sha512".into(),
+                                sha.hex().into_bytes(),
+                            )]),
+                        }
+                    }
+                    _ => Ok(Vec::new()),
+                }
             }
             Node::Staged(id) => Ok(vec![(
                 "user.shacachefs.pending".into(),

@@ -164,16 +164,19 @@ impl Core {
             .filter(|((k, _), _)| k == key)
             // `outbox retry` or `drop` from another process may have taken it.
             .filter(|(_, id)| outbox.is_some_and(|o| o.data_path(id).exists()))
-            .map(|((_, n), id)| (n.clone(), id.clone()))
+            // Shown escaped like entry labels: never `/`, NUL, `.`, `..` or reserved.
+            .map(|((_, n), id)| (crate::naming::escape(n, KEY_RESERVED), id.clone()))
             .collect();
         v.sort();
         v
     }
 
+    /// The staged item shown under a (displayed, possibly escaped) name.
     pub(super) fn staged_id(&self, key: &str, name: &str) -> Option<String> {
+        let file_name = unescape(name, KEY_RESERVED).unwrap_or_else(|| name.to_string());
         lock(&self.staging)
             .by_name
-            .get(&(key.to_string(), name.to_string()))
+            .get(&(key.to_string(), file_name))
             .cloned()
     }
 

@@ -24,6 +24,10 @@ use std::time::{Duration, Instant};
 /// many times that number (a flaky link on a multi-gigabyte blob), never without end.
 pub(crate) const TOTAL_ATTEMPTS_FACTOR: u32 = 25;
 
+/// The least a transfer must move per `low_speed_timeout` window (as curl's
+/// `--speed-limit`, with `--speed-time` = the window).
+pub(crate) const LOW_SPEED_BYTES: u64 = 1024;
+
 pub(super) async fn fetch(
     remote: &Remote,
     sha: &Sha512,
@@ -45,7 +49,8 @@ pub(super) async fn fetch(
     loop {
         tries += 1;
         let result = attempt(remote, &url, &mut file, &mut total, progress).await;
-        let progressed = file.len() > high_water;
+        // A trickle is not progress: it must not reset the count of failed attempts.
+        let progressed = file.len() >= high_water.saturating_add(LOW_SPEED_BYTES);
         high_water = high_water.max(file.len());
         let err = match result {
             // A 206 may cover less than asked: go on from where it stopped.
@@ -214,7 +219,9 @@ pub(super) async fn send_within(
 
 /// Reads a body to its end into `file`. `end` is the length the file must reach when the
 /// answer announced one: fewer bytes is a (retryable) dropped connection, more is a
-/// protocol violation. Each chunk must arrive within `low_speed`.
+/// protocol violation. Each chunk must arrive within `low_speed`, and each `low_speed`
+/// window must bring at least [`LOW_SPEED_BYTES`]: a server that trickles a byte now
+/// and then fails as surely as one that stalls.
 pub(super) async fn stream_into(
     resp: &mut Response,
     file: &mut HashingFile,
@@ -224,6 +231,8 @@ pub(super) async fn stream_into(
     low_speed: Duration,
     progress: Progress<'_>,
 ) -> Result<(), RemoteError> {
+    let mut window_start = tokio::time::Instant::now();
+    let mut window_bytes = 0u64;
     loop {
         let chunk = match tokio::time::timeout(low_speed, resp.chunk()).await {
             Err(_) => {
@@ -255,6 +264,21 @@ pub(super) async fn stream_into(
             }
         }
         // A blocking write: it lands in the page cache, cheaper than a thread hop.
+        window_bytes += chunk.len() as u64;
+        if window_start.elapsed() >= low_speed {
+            if window_bytes < LOW_SPEED_BYTES {
+                return Err(timeout_error(
+                    url,
+                    format!(
+                        "{window_bytes} bytes in {low_speed:?} (less than {LOW_SPEED_BYTES}) after {} bytes{}",
+                        file.len(),
+                        of_total(end)
+                    ),
+                ));
+            }
+            window_start = tokio::time::Instant::now();
+            window_bytes = 0;
+        }
         file.write_bytes(chunk)?;
         progress(file.len(), total);
     }

@@ -30,6 +30,10 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Body frames in flight between the network and the disk writer (hyper frames are at
 /// most a few hundred KiB, so this bounds an upload's memory to a few MiB).
 const UPLOAD_QUEUE: usize = 16;
+/// Uploads receiving at once (see `State::uploads`).
+pub(crate) const MAX_UPLOADS: usize = 128;
+/// An upload whose client sends nothing for this long is dropped.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Production's value: blobs never change.
 const CACHE_FOREVER: &str = "public, max-age=31556926";
 
@@ -41,6 +45,12 @@ enum Chunk {
 
 /// `POST /shacache`: stores the body, answers 201 with its SHA-512.
 pub(crate) async fn upload(state: &State, mut body: Incoming) -> Response<Body> {
+    let Ok(_permit) = state.uploads.clone().try_acquire_owned() else {
+        return super::routes::text(
+            hyper::StatusCode::TOO_MANY_REQUESTS,
+            "too many uploads in progress; retry later\n",
+        );
+    };
     let (tx, mut rx) = mpsc::channel::<Chunk>(UPLOAD_QUEUE);
     let root = state.root.clone();
     let writer = tokio::task::spawn_blocking(move || -> io::Result<Option<(Sha512, u64, bool)>> {
@@ -59,7 +69,11 @@ pub(crate) async fn upload(state: &State, mut body: Incoming) -> Response<Body> 
         Ok(Some((sha, len, created)))
     });
     let received = loop {
-        match body.frame().await {
+        let frame = match tokio::time::timeout(BODY_IDLE, body.frame()).await {
+            Ok(f) => f,
+            Err(_) => break Err(None),
+        };
+        match frame {
             None => break Ok(()),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
@@ -69,7 +83,7 @@ pub(crate) async fn upload(state: &State, mut body: Incoming) -> Response<Body> 
                     }
                 }
             }
-            Some(Err(e)) => break Err(e),
+            Some(Err(e)) => break Err(Some(e)),
         }
     };
     match received {
@@ -79,7 +93,10 @@ pub(crate) async fn upload(state: &State, mut body: Incoming) -> Response<Body> 
         Err(e) => {
             drop(tx);
             let _ = writer.await;
-            info!("upload aborted: {e}");
+            match e {
+                Some(e) => info!("upload aborted: {e}"),
+                None => info!("upload aborted: no data for {BODY_IDLE:?}"),
+            }
             return text(StatusCode::BAD_REQUEST, "upload body incomplete\n");
         }
     }

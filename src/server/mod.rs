@@ -120,6 +120,9 @@ pub(crate) struct State {
     pub(crate) require_client_cert: bool,
     /// Serialises shadir writes per key (striped: keys hash onto a fixed set of locks).
     pub(crate) key_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Uploads receiving a body at once; each holds a blocking writer thread, so beyond
+    /// this the server answers 429 rather than let stalled clients exhaust the pool.
+    pub(crate) uploads: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl State {
@@ -134,6 +137,7 @@ impl State {
                 .as_ref()
                 .is_some_and(|t| t.client_ca_file.is_some()),
             key_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(blobs::MAX_UPLOADS)),
         })
     }
 }
