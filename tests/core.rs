@@ -1082,3 +1082,50 @@ async fn offline_serves_cached_listings_and_blobs() {
         "known key remembered"
     );
 }
+
+/// `ls -l` of a big key: one shadir request for the listing, every size right, each blob
+/// probed once (the probes start together when the listing arrives), nothing downloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_a_big_key_costs_one_shadir_request() {
+    let w = World::new().await;
+    let n = 200usize;
+    for i in 0..n {
+        let body = format!("blob number {i} {}", "x".repeat(i));
+        publish(
+            &w.a,
+            "big",
+            body.as_bytes(),
+            json!({"file": format!("f{i:03}")}),
+        )
+        .await;
+    }
+    let core = w.core(opts());
+    let dir = key_ino(&core, "big").await;
+    let listed = core.readdir(dir).await.unwrap();
+    let files: Vec<_> = listed
+        .iter()
+        .filter(|e| e.kind == Kind::File && e.name.starts_with('f'))
+        .collect();
+    assert_eq!(files.len(), n);
+    // What `ls -l` does next: a lookup (stat) of every name, many at once.
+    let mut tasks = Vec::new();
+    for e in files {
+        let (core, name) = (core.clone(), e.name.clone());
+        tasks.push(tokio::spawn(async move {
+            (name.clone(), core.lookup(dir, &name).await)
+        }));
+    }
+    for t in tasks {
+        let (name, attr) = t.await.unwrap();
+        let i: usize = name[1..].parse().unwrap();
+        let expected = format!("blob number {i} {}", "x".repeat(i)).len() as u64;
+        assert_eq!(attr.unwrap().size, expected, "{name}");
+    }
+    assert_eq!(
+        stat(&core, "dir"),
+        1,
+        "one shadir request for the whole listing"
+    );
+    assert_eq!(stat(&core, "probes"), n as u64, "one size probe per blob");
+    assert_eq!(stat(&core, "fetched"), 0, "sizes need no download");
+}
