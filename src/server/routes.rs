@@ -69,6 +69,7 @@ async fn dispatch(state: &State, req: Request<Incoming>, client_cert: bool) -> R
     match (route(&path), method) {
         (Route::CacheRoot, Method::POST) => {
             if let Err(d) = auth::check_upload(state, req.headers(), client_cert) {
+                drain(req.into_body()).await;
                 return denied(d);
             }
             blobs::upload(state, req.into_body()).await
@@ -81,6 +82,7 @@ async fn dispatch(state: &State, req: Request<Incoming>, client_cert: bool) -> R
         (Route::Key(seg), Method::GET | Method::HEAD) => dir::get(state, seg, head).await,
         (Route::Key(seg), Method::PUT) => {
             if let Err(d) = auth::check_upload(state, req.headers(), client_cert) {
+                drain(req.into_body()).await;
                 return denied(d);
             }
             dir::put(state, seg, req.into_body()).await
@@ -89,6 +91,26 @@ async fn dispatch(state: &State, req: Request<Incoming>, client_cert: bool) -> R
         (Route::NotFound, _) => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
+
+/// Reads and discards a refused upload's body (up to [`DRAIN_LIMIT`], each frame within
+/// 10 s), so the client, still sending, gets the refusal instead of a broken pipe.
+async fn drain(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    let mut seen = 0u64;
+    while seen < DRAIN_LIMIT {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    seen += d.len() as u64;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// The most of a refused body read before answering anyway.
+const DRAIN_LIMIT: u64 = 256 << 20;
 
 fn denied(d: Denied) -> Response<Body> {
     match d {
