@@ -77,19 +77,6 @@ fn mount_helper_args() -> Option<Vec<std::ffi::OsString>> {
     Some(out)
 }
 
-/// One line: the error and each cause that its message does not already include.
-fn error_line(e: &anyhow::Error) -> String {
-    let mut line = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !line.contains(&c) {
-            line.push_str(": ");
-            line.push_str(&c);
-        }
-    }
-    line
-}
-
 fn main() -> ExitCode {
     let cli = match mount_helper_args() {
         Some(args) => Cli::parse_from(args),
@@ -160,7 +147,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(_) if detached => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("shacachefs: {}", error_line(&e));
+            eprintln!("shacachefs: {}", commands::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -14,7 +14,7 @@ fn refuse_existing(path: &Path, what: &str) -> Result<()> {
 }
 
 /// Creates a new file that must not exist, with the given mode.
-fn write_new(path: &Path, data: &str, mode: u32) -> Result<()> {
+pub(crate) fn write_new(path: &Path, data: &str, mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

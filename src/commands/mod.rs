@@ -19,6 +19,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::Path;
 
+/// One line for the user: the error and each cause its message does not already include
+/// (messages that embed their cause would otherwise print it twice).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !line.contains(&c) {
+            line.push_str(": ");
+            line.push_str(&c);
+        }
+    }
+    line
+}
+
 /// The configuration named by `-c`, else the first default file that exists.
 pub fn load_config(path: Option<&Path>) -> Result<Config> {
     let path = match path {

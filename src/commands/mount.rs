@@ -116,8 +116,8 @@ async fn embedded() -> Result<(Config, RunningServer, String)> {
     let cert = data.join("signing.crt");
     if !key.exists() || !cert.exists() {
         let (k, c) = crate::signature::generate(2048, "shacachefs-embedded")?;
-        write_private(&key, &k)?;
-        std::fs::write(&cert, &c)?;
+        super::keygen::write_new(&key, &k, 0o600)?;
+        super::keygen::write_new(&cert, &c, 0o644)?;
     }
     let cert_pem = std::fs::read_to_string(&cert)?;
     let srv = server::start(
@@ -151,19 +151,6 @@ async fn embedded() -> Result<(Config, RunningServer, String)> {
     Ok((cfg, srv, format!("embedded:{}", store.display())))
 }
 
-fn write_private(path: &std::path::Path, data: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(data.as_bytes())?;
-    Ok(())
-}
-
 /// Runs the mount. `notifier` is the detached child's pipe to the waiting parent.
 pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> {
     let result = start(&mut args).await;
@@ -171,15 +158,7 @@ pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> 
         Ok(v) => v,
         Err(e) => {
             if let Some(n) = notifier {
-                let mut line = e.to_string();
-                for cause in e.chain().skip(1) {
-                    let c = cause.to_string();
-                    if !line.contains(&c) {
-                        line.push_str(": ");
-                        line.push_str(&c);
-                    }
-                }
-                n.fail(&line);
+                n.fail(&super::error_line(&e));
             }
             return Err(e);
         }

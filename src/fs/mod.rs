@@ -952,7 +952,23 @@ impl Core {
         lock(&self.handles).remove(&fh);
     }
 
-    /// Extended attributes of a node.
+    /// One extended attribute's value (`None`: the node has no such attribute). The
+    /// root's status document is computed only when it is asked for.
+    pub async fn xattr(self: &Arc<Self>, ino: u64, name: &str) -> Result<Option<Vec<u8>>, FsError> {
+        if name == status::STATUS_XATTR && self.node(ino)? == Node::Root {
+            return Ok(Some(
+                serde_json::to_vec_pretty(&self.status().await).unwrap_or_default(),
+            ));
+        }
+        Ok(self
+            .xattrs(ino)
+            .await?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v))
+    }
+
+    /// Extended attributes of a node (for listing; see [`Core::xattr`] for values).
     pub async fn xattrs(self: &Arc<Self>, ino: u64) -> Result<Vec<(String, Vec<u8>)>, FsError> {
         match self.node(ino)? {
             Node::Root => {
@@ -966,10 +982,8 @@ impl Core {
                 };
                 Ok(vec![
                     ("user.shacachefs.signature-mode".into(), mode.into_bytes()),
-                    (
-                        status::STATUS_XATTR.into(),
-                        serde_json::to_vec_pretty(&self.status().await).unwrap_or_default(),
-                    ),
+                    // Listed here; its value (which asks the servers) only through `xattr`.
+                    (status::STATUS_XATTR.into(), Vec::new()),
                 ])
             }
             Node::Entry { key, name, sha } => {

@@ -497,13 +497,10 @@ impl Filesystem for FuseFs {
         let core = self.core.clone();
         let name = name.to_string_lossy().into_owned();
         self.rt.spawn(async move {
-            let attrs = match core.xattrs(ino).await {
-                Ok(a) => a,
-                Err(e) => return reply.error(log_err("getxattr", &e)),
-            };
-            match attrs.into_iter().find(|(n, _)| *n == name) {
-                None => reply.error(libc::ENODATA),
-                Some((_, v)) => xattr_reply(reply, size, &v),
+            match core.xattr(ino, &name).await {
+                Ok(Some(v)) => xattr_reply(reply, size, &v),
+                Ok(None) => reply.error(libc::ENODATA),
+                Err(e) => reply.error(log_err("getxattr", &e)),
             }
         });
     }
