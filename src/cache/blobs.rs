@@ -26,6 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// How stale a cached blob's mtime (its recency across restarts) may get before an
+/// open stamps it again.
+const MTIME_GRAIN: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub(crate) struct BlobStore {
     root: PathBuf,
     /// Any path on the cache's file system, for `statvfs`.
@@ -251,9 +255,17 @@ impl BlobStore {
         };
         self.evict(&mut ix, Some(sha));
         drop(ix);
-        // Recency survives a restart through the mtime (atime is often not updated).
-        // Best effort: a read-only or foreign-owned cache only loses the order.
-        let _ = file.set_modified(SystemTime::now());
+        // Recency survives a restart through the mtime (atime is often not updated),
+        // to within a minute: a blob opened again and again (many small files read in
+        // a loop) is not re-stamped on every open. Best effort: a read-only or
+        // foreign-owned cache only loses the order.
+        let now = SystemTime::now();
+        let stale = meta.modified().map_or(true, |m| {
+            now.duration_since(m).map_or(true, |age| age >= MTIME_GRAIN)
+        });
+        if stale {
+            let _ = file.set_modified(now);
+        }
         let pin = BlobPin {
             store: Arc::clone(self),
             sha: *sha,

@@ -158,6 +158,13 @@ impl Handle {
             Handle::Memory(_) | Handle::Staged(_) => None,
         }
     }
+    /// The blob's size, for a handle on a blob.
+    pub fn blob_size(&self) -> Option<u64> {
+        match self {
+            Handle::Blob { size, .. } => Some(*size),
+            Handle::Memory(_) | Handle::Staged(_) => None,
+        }
+    }
     /// Generated content and files being written have no stable size: direct I/O.
     pub fn direct_io(&self) -> bool {
         matches!(self, Handle::Memory(_) | Handle::Staged(_))
@@ -770,6 +777,32 @@ impl Core {
         }
     }
 
+    /// `getattr` answered from memory alone, without a request or a wait: `None` when
+    /// it would need one (stale listing, unknown size), and the caller then uses
+    /// [`Core::getattr`]. Lets the FUSE adapter answer on the session thread.
+    pub fn getattr_now(&self, ino: u64) -> Option<Result<Attr, FsError>> {
+        match self.node(ino) {
+            Err(e) => Some(Err(e)),
+            Ok(Node::Root | Node::ShaDir | Node::Key(_)) => {
+                Some(Ok(self.dir_attr(ino, self.started)))
+            }
+            Ok(Node::Blob(sha)) => {
+                let size = self.cache.size_of(&sha)?;
+                Some(Ok(self.file_attr(ino, size, self.started)))
+            }
+            Ok(Node::Entry { key, name, sha }) => {
+                let Some(Some(listing)) = self.fresh_state(&key) else {
+                    return None;
+                };
+                let mtime = listing.files.get(&name)?.mtime;
+                let size = self.cache.size_of(&sha)?;
+                Some(Ok(self.file_attr(ino, size, mtime)))
+            }
+            Ok(Node::Staged(id)) => Some(self.staged_attr(&id)),
+            Ok(Node::Latest(_) | Node::EntriesJson(_)) => None,
+        }
+    }
+
     /// `readdir(ino)`: every entry, `.` and `..` included.
     pub async fn readdir(self: &Arc<Self>, ino: u64) -> Result<Vec<DirEntry>, FsError> {
         let mut out = vec![
@@ -881,6 +914,23 @@ impl Core {
         Ok(self.add_handle(handle))
     }
 
+    /// `open` (read-only) of an entry or `.sha512/` file whose blob is in the cache,
+    /// done at once; `None` when it needs more (a download, a staged file, an error to
+    /// report), and the caller then uses [`Core::open`].
+    pub fn open_now(&self, ino: u64) -> Option<(u64, Arc<Handle>)> {
+        let sha = match self.node(ino).ok()? {
+            Node::Entry { sha, .. } | Node::Blob(sha) => sha,
+            _ => return None,
+        };
+        let (file, size, pin) = self.cache.open_blob(&sha).ok()??;
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        Some(self.add_handle(Handle::Blob {
+            file,
+            size,
+            _pin: pin,
+        }))
+    }
+
     fn add_handle(&self, handle: Handle) -> (u64, Arc<Handle>) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(handle);
@@ -919,15 +969,7 @@ impl Core {
                 }
                 let want = (size as u64).min(total - offset) as usize;
                 let mut buf = vec![0u8; want];
-                let mut got = 0;
-                while got < want {
-                    match file.read_at(&mut buf[got..], offset + got as u64) {
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+                let got = read_full_at(file, &mut buf, offset)?;
                 buf.truncate(got);
                 Ok(buf)
             }
@@ -1069,4 +1111,18 @@ impl Core {
     pub fn label_of(entry: &TrustedEntry) -> String {
         naming::label(&entry.info.metadata, &entry.info.sha512)
     }
+}
+
+/// Reads into `buf` from `offset` until it is full or the file ends; the bytes read.
+pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }

@@ -2,10 +2,13 @@
 //! filesystem core on the tokio runtime and translating the result into a reply. It
 //! decides nothing: errors become errnos through `FsError::errno`, the one table.
 //!
-//! Requests are answered from tasks, so a slow download never blocks other requests:
-//! the session thread only reads requests and spawns.
+//! Requests that may wait (on the network, a lock, an upload) are answered from tasks,
+//! so a slow download never blocks other requests. Those answered from memory and the
+//! local cache alone (`getattr` with a fresh listing, `open` of a cached blob, `release`
+//! of a read handle, `write` into a staged file) are answered on the session thread:
+//! a task's round trip would cost more than the work.
 
-use crate::fs::{Attr, Core, FsError, Kind};
+use crate::fs::{Attr, Core, FsError, Handle as OpenHandle, Kind};
 use fuser::BackingId;
 use fuser::{
     consts, FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyCreate,
@@ -64,6 +67,14 @@ impl Backing {
     }
 }
 
+/// Blobs up to this size are served through the kernel's page cache of the FUSE file
+/// (`FOPEN_KEEP_CACHE`), larger ones with passthrough. For a small file, a read
+/// through the page cache costs no request once cached, where each passthrough read
+/// makes the kernel forget the atime, and so the next `fstat` (every `cat`) asks the
+/// daemon for the attributes again: a round trip that costs more than the read. Past
+/// a megabyte, passthrough's direct reads of the cached blob win.
+const SMALL_BLOB: u64 = 1 << 20;
+
 impl FuseFs {
     pub fn new(core: Arc<Core>, rt: Handle, want_passthrough: bool) -> Self {
         FuseFs {
@@ -74,6 +85,66 @@ impl FuseFs {
             backing: Arc::new(Mutex::new(Backing::default())),
         }
     }
+}
+
+impl FuseFs {
+    fn reply_open(&self, ino: u64, fh: u64, handle: &OpenHandle, reply: ReplyOpen) {
+        reply_open(
+            &self.core,
+            &self.passthrough,
+            &self.backing,
+            ino,
+            fh,
+            handle,
+            reply,
+        );
+    }
+}
+
+/// Answers a read-only open: passthrough to the blob file when the kernel allows it
+/// (one backing id per inode, shared by its handles), else served by `read`.
+fn reply_open(
+    core: &Core,
+    passthrough: &AtomicBool,
+    backing: &Mutex<Backing>,
+    ino: u64,
+    fh: u64,
+    handle: &OpenHandle,
+    reply: ReplyOpen,
+) {
+    if handle.direct_io() {
+        return reply.opened(fh, consts::FOPEN_DIRECT_IO);
+    }
+    // The size of an inode's blob never changes, so an inode is always served the
+    // same way (the kernel refuses to mix passthrough and cached opens of one inode).
+    let small = handle.blob_size().is_some_and(|n| n <= SMALL_BLOB);
+    if passthrough.load(Ordering::Relaxed) && !small {
+        if let Some(file) = handle.backing_file() {
+            let mut b = backing.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((id, users)) = b.by_ino.get_mut(&ino) {
+                *users += 1;
+                reply.opened_passthrough(fh, FOPEN_NOFLUSH, id);
+                b.ino_of_fh.insert(fh, ino);
+                return;
+            }
+            match reply.open_backing(file) {
+                Ok(id) => {
+                    reply.opened_passthrough(fh, FOPEN_NOFLUSH, &id);
+                    b.by_ino.insert(ino, (id, 1));
+                    b.ino_of_fh.insert(fh, ino);
+                    return;
+                }
+                Err(e) => {
+                    passthrough.store(false, Ordering::Relaxed);
+                    core.stats.passthrough.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        "FUSE passthrough refused ({e}); serving with pread from now on"
+                    );
+                }
+            }
+        }
+    }
+    reply.opened(fh, READ_FLAGS);
 }
 
 fn file_type(k: Kind) -> FileType {
@@ -155,6 +226,15 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        // Most attributes are in memory: answered here, without a task's round trip.
+        // (Every read of a writable FUSE mount invalidates the atime, so `cat` asks for
+        // the attributes of each file it opens again.)
+        if let Some(r) = self.core.getattr_now(ino) {
+            return match r {
+                Ok(a) => reply.attr(&self.core.ttl(), &to_fuse(&a)),
+                Err(e) => reply.error(log_err("getattr", &e)),
+            };
+        }
         let core = self.core.clone();
         self.rt.spawn(async move {
             match core.getattr(ino).await {
@@ -240,6 +320,10 @@ impl Filesystem for FuseFs {
             });
             return;
         }
+        // A cached blob opens here, at once; anything else (a download) in a task.
+        if let Some((fh, handle)) = core.open_now(ino) {
+            return self.reply_open(ino, fh, &handle, reply);
+        }
         let passthrough = self.passthrough.clone();
         let backing = self.backing.clone();
         self.rt.spawn(async move {
@@ -247,36 +331,7 @@ impl Filesystem for FuseFs {
                 Ok(v) => v,
                 Err(e) => return reply.error(log_err("open", &e)),
             };
-            if handle.direct_io() {
-                return reply.opened(fh, consts::FOPEN_DIRECT_IO);
-            }
-            if passthrough.load(Ordering::Relaxed) {
-                if let Some(file) = handle.backing_file() {
-                    let mut b = backing.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some((id, users)) = b.by_ino.get_mut(&ino) {
-                        *users += 1;
-                        reply.opened_passthrough(fh, FOPEN_NOFLUSH, id);
-                        b.ino_of_fh.insert(fh, ino);
-                        return;
-                    }
-                    match reply.open_backing(file) {
-                        Ok(id) => {
-                            reply.opened_passthrough(fh, FOPEN_NOFLUSH, &id);
-                            b.by_ino.insert(ino, (id, 1));
-                            b.ino_of_fh.insert(fh, ino);
-                            return;
-                        }
-                        Err(e) => {
-                            passthrough.store(false, Ordering::Relaxed);
-                            core.stats.passthrough.store(false, Ordering::Relaxed);
-                            tracing::warn!(
-                                "FUSE passthrough refused ({e}); serving with pread from now on"
-                            );
-                        }
-                    }
-                }
-            }
-            reply.opened(fh, READ_FLAGS);
+            reply_open(&core, &passthrough, &backing, ino, fh, &handle, reply);
         });
     }
 
