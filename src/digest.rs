@@ -116,7 +116,12 @@ pub struct HashingFile {
     path: TempPath,
     hasher: HashState,
     len: u64,
+    /// With [`HashingFile::write_behind`]: bytes already handed to the disk's writeback.
+    pushed: Option<u64>,
 }
+
+/// Bytes written between two writeback starts of a write-behind file.
+const WRITE_BEHIND_STEP: u64 = 8 << 20;
 
 /// A SHA-512 computed incrementally, on a thread of its own once the data is large.
 pub struct StreamHasher {
@@ -207,6 +212,21 @@ impl HashState {
     }
 }
 
+/// Asks the kernel to start writing a range of `file` to disk, without waiting for it
+/// (best effort: a filesystem without it just writes back later).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor owned by `file`; the call reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// The hash did not match: the temporary file is already deleted.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("SHA-512 mismatch: expected {expected}, got {actual} ({len} bytes)")]
@@ -227,7 +247,16 @@ impl HashingFile {
             path,
             hasher: HashState::Inline(Sha512Hasher::new()),
             len: 0,
+            pushed: None,
         })
+    }
+
+    /// Starts the disk's writeback of each few MiB as soon as they are written, so
+    /// that a durable [`HashingFile::finish`] waits for the last few MiB rather than
+    /// for the whole file (the server's uploads: a 512 MiB fsync alone took 0.8 s).
+    pub fn write_behind(mut self) -> Self {
+        self.pushed = Some(0);
+        self
     }
 
     /// Appends bytes and feeds them to the hash.
@@ -242,6 +271,12 @@ impl HashingFile {
         let n = data.len() as u64;
         self.hasher.update(data, self.len);
         self.len += n;
+        if let Some(pushed) = self.pushed {
+            if self.len - pushed >= WRITE_BEHIND_STEP {
+                start_writeback(&self.file, pushed, self.len - pushed);
+                self.pushed = Some(self.len);
+            }
+        }
         Ok(())
     }
 

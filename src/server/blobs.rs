@@ -54,10 +54,10 @@ pub(crate) async fn upload(state: &State, mut body: Incoming) -> Response<Body> 
     let (tx, mut rx) = mpsc::channel::<Chunk>(UPLOAD_QUEUE);
     let root = state.root.clone();
     let writer = tokio::task::spawn_blocking(move || -> io::Result<Option<(Sha512, u64, bool)>> {
-        let mut file = HashingFile::new_in(&root)?;
+        let mut file = HashingFile::new_in(&root)?.write_behind();
         loop {
             match rx.blocking_recv() {
-                Some(Chunk::Data(b)) => file.write_all(&b)?,
+                Some(Chunk::Data(b)) => file.write_bytes(b)?,
                 Some(Chunk::End) => break,
                 // The request side gave up: dropping `file` deletes it.
                 None => return Ok(None),
