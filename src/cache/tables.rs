@@ -1,8 +1,9 @@
 //! The small persisted tables: blob sizes (global: blobs are named by content), and per
 //! namespace the known keys, the first-seen times and the last shadir answer per key.
 //!
-//! Every file is written atomically ([`super::disk::write_atomic`]). A table that cannot
-//! be read starts empty with a warning: all of it can be found again from the servers.
+//! Every file is replaced atomically, without fsync ([`super::disk::write_replace`]).
+//! A table that cannot be read starts empty with a warning: all of it can be found
+//! again from the servers.
 //! Before a table is rewritten, the version on disk is read and merged in (entries we do
 //! not have are adopted, ours win), so two processes sharing the directory lose little
 //! and never corrupt anything; the last rename wins.
@@ -12,7 +13,7 @@
 //! with `"body_base64"` instead of `"body"` when the body is not UTF-8, and no body for
 //! a 404. The key is stored so that a hash-prefix collision reads as a miss.
 
-use super::disk::{from_unix, read_json, to_unix, write_atomic};
+use super::disk::{from_unix, read_json, to_unix, write_replace};
 use super::CacheError;
 use crate::digest::Sha512;
 use base64::Engine;
@@ -172,7 +173,7 @@ impl Tables {
             keys.push(key.to_owned());
         }
         let body = Value::Array(keys.iter().cloned().map(Value::String).collect());
-        if let Err(e) = write_atomic(&self.tmp, &self.keys_path, body.to_string().as_bytes()) {
+        if let Err(e) = write_replace(&self.tmp, &self.keys_path, body.to_string().as_bytes()) {
             tracing::warn!(path = %self.keys_path.display(), error = %e, "could not save the known keys");
         }
     }
@@ -219,7 +220,7 @@ impl Tables {
             };
         }
         let path = self.dirs.join(key_file_name(key));
-        if let Err(e) = write_atomic(&self.tmp, &path, v.to_string().as_bytes()) {
+        if let Err(e) = write_replace(&self.tmp, &path, v.to_string().as_bytes()) {
             tracing::warn!(path = %path.display(), error = %e, "could not save a shadir answer");
         }
     }
@@ -256,7 +257,7 @@ impl Tables {
                     .collect();
                 Value::Object(map).to_string()
             };
-            if let Err(source) = write_atomic(&self.tmp, &self.sizes_path, body.as_bytes()) {
+            if let Err(source) = write_replace(&self.tmp, &self.sizes_path, body.as_bytes()) {
                 lock(&self.state).sizes_dirty = true;
                 return Err(CacheError::Io {
                     path: self.sizes_path.clone(),
@@ -288,7 +289,7 @@ impl Tables {
                     .collect();
                 Value::Object(map).to_string()
             };
-            if let Err(source) = write_atomic(&self.tmp, &self.seen_path, body.as_bytes()) {
+            if let Err(source) = write_replace(&self.tmp, &self.seen_path, body.as_bytes()) {
                 lock(&self.state).seen_dirty = true;
                 return Err(CacheError::Io {
                     path: self.seen_path.clone(),
