@@ -6,7 +6,7 @@ use shacachefs::cli::{Cli, Command};
 use shacachefs::commands;
 use std::process::ExitCode;
 
-fn init_logging(level: Option<&str>) {
+fn init_logging(level: Option<&str>, ansi: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::new(v),
@@ -16,6 +16,7 @@ fn init_logging(level: Option<&str>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .init();
 }
@@ -115,7 +116,9 @@ fn main() -> ExitCode {
         _ => None,
     };
     let level = cli.log_level.clone().or(o_level);
-    init_logging(Some(level.as_deref().unwrap_or(default_level)));
+    // Colours only on a terminal: a detached mount's log goes to a file (or nowhere).
+    let ansi = notifier.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    init_logging(Some(level.as_deref().unwrap_or(default_level)), ansi);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
