@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod digest;
 pub mod filter;
 pub mod fs;
+pub mod growing;
 pub mod mount;
 pub mod naming;
 pub mod outbox;

@@ -57,12 +57,15 @@ fn entry_metadata(name: &str, extra: &Map<String, Value>) -> Map<String, Value> 
 
 /// Publishes item `id` of `outbox` with `client`. `known` is the data's digest and
 /// length when the caller hashed it as it was written (sequential writes through the
-/// mount); otherwise the staged file is hashed here.
+/// mount); otherwise the staged file is hashed here. `blob_sent`: the caller already
+/// stored exactly these bytes in shacache (it checked the hash the server computed),
+/// so only the entry is left to publish.
 pub async fn publish(
     client: &Client,
     outbox: &Outbox,
     id: &str,
     known: Option<(Sha512, u64)>,
+    blob_sent: bool,
 ) -> Result<Published, PublishError> {
     let _lock = outbox.try_lock(id)?.ok_or(PublishError::Busy)?;
     let mut item = outbox
@@ -70,6 +73,7 @@ pub async fn publish(
         .ok_or_else(|| PublishError::Gone(id.to_string()))?;
     let path = outbox.data_path(id);
     let on_disk = std::fs::metadata(&path)?.len();
+    let blob_sent = blob_sent && known.is_some_and(|(_, len)| len == on_disk);
     let (sha, len) = match known {
         Some((sha, len)) if len == on_disk => (sha, len),
         _ => {
@@ -91,9 +95,10 @@ pub async fn publish(
     };
     let key = item.meta.key.clone();
     let attempt = async {
-        let uploaded = client
-            .ensure_blob(&path, &sha, outbox.dir(), &|_, _| {})
-            .await?;
+        let uploaded = blob_sent
+            || client
+                .ensure_blob(&path, &sha, outbox.dir(), &|_, _| {})
+                .await?;
         client.remote.put_dir(&key, &entry).await?;
         Ok::<bool, RemoteError>(uploaded)
     }

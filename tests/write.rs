@@ -1013,3 +1013,92 @@ fn peak_rss_uploading_1gib_stays_under_64mib() {
         "daemon peak RSS {peak} KiB is not under 64 MiB"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Uploads that run while the file is written.
+
+/// Closes `f`, returning the error of `close()` (which `File`'s drop ignores).
+fn close_checked(f: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // SAFETY: we own the descriptor and close it once.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Lines of the daemon's log that contain `needle`.
+fn log_lines(m: &Mount, needle: &str) -> usize {
+    m.log_text().lines().filter(|l| l.contains(needle)).count()
+}
+
+/// A large `cp` is sent while it is written: one POST, started before the close, and
+/// close() then waits only for its end. A file rewritten behind its end while being
+/// sent that way is sent again, whole, at close: the blob on shacache is the final
+/// content, which both clients download.
+#[test]
+fn large_files_upload_while_written_and_rewrites_are_sent_again() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let s = Setup::new();
+    let src = s.dir("src");
+    let key = "write-early";
+    let path = src.join("big.bin");
+    write_random_file(&path, 40 * MIB, 71);
+    let sha = sha512_file(&path);
+    let mut m = s.mount(&["--log-level", "debug"]);
+    mkdir(&m.path(key));
+
+    assert_ok(&cp(&path, &m.path(key)), &m);
+    published_entry(&s, key, "big.bin", &sha);
+    let log = m.log_text();
+    assert_eq!(
+        log_lines(&m, "upload started while the file is written"),
+        1,
+        "the upload did not start during the copy:\n{log}"
+    );
+    assert_eq!(
+        log_lines(&m, "method=POST"),
+        1,
+        "the blob was sent more than once (or not at all):\n{log}"
+    );
+    assert_eq!(log_lines(&m, "sending again"), 0, "{log}");
+    both_clients_download(&s, key, "big.bin", &sha);
+
+    // 12 MiB in order (the upload starts at 8), then the first bytes rewritten, then
+    // more in order: what is published is the file as closed.
+    let dest = m.path(&format!("{key}/rewritten.bin"));
+    let mut expected = Vec::new();
+    let mut f = std::fs::File::create(&dest).expect("create in the mount");
+    for i in 0..12u8 {
+        let chunk = vec![i; MIB as usize];
+        f.write_all(&chunk).expect("write");
+        expected.extend_from_slice(&chunk);
+    }
+    f.write_all_at(b"rewritten", 0).expect("pwrite at 0");
+    expected[..9].copy_from_slice(b"rewritten");
+    let tail = vec![0xee; 3 * MIB as usize];
+    f.write_all(&tail).expect("write after the rewrite");
+    expected.extend_from_slice(&tail);
+    close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
+    let want = sha512_of(&expected);
+    published_entry(&s, key, "rewritten.bin", &want);
+    both_clients_download(&s, key, "rewritten.bin", &want);
+    assert_eq!(
+        log_lines(&m, "upload started while the file is written"),
+        2,
+        "{}",
+        m.log_text()
+    );
+    // The upload started during the writes was abandoned (no answer, so no log line);
+    // the whole file was then sent once at close.
+    assert_eq!(
+        log_lines(&m, "method=POST"),
+        2,
+        "the rewritten file was not sent again whole:\n{}",
+        m.log_text()
+    );
+    assert_eq!(read(&m.path(&format!("{key}/rewritten.bin"))), expected);
+    m.unmount();
+}

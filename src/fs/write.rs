@@ -14,15 +14,17 @@
 //! never modified.
 
 use super::{lock, Attr, Core, FsError, Handle, Invalidator, Kind, Node};
-use crate::digest::{adopt_hashed, StreamHasher};
+use crate::digest::{adopt_hashed, Sha512, StreamHasher};
+use crate::growing::Growing;
 use crate::naming::{unescape, KEY_RESERVED};
 use crate::outbox::Outbox;
 use crate::publish::{publish, PublishError};
+use crate::remote::RemoteError;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// A staged file's state in this mount.
 #[derive(Debug, Clone)]
@@ -42,12 +44,29 @@ pub struct StagedInfo {
 #[derive(Default)]
 struct SeqHashes(HashMap<String, StreamHasher>);
 
+/// Uploads started while a staged file is still being written in order (see
+/// [`crate::growing`]); `publish_staged` waits for one instead of sending the file again.
+struct EarlyUpload {
+    growing: Arc<Growing>,
+    task: tokio::task::JoinHandle<Result<Sha512, RemoteError>>,
+}
+
+/// Sequential data a staged file needs before its upload starts while it is written:
+/// small files are sent at close, in one go.
+const EARLY_UPLOAD_MIN: u64 = 8 << 20;
+
 /// The staged files of this mount's namespace.
 #[derive(Default)]
 pub struct Staging {
     by_name: HashMap<(String, String), String>,
     items: HashMap<String, StagedInfo>,
     seq: SeqHashes,
+    early: HashMap<String, EarlyUpload>,
+    /// Where early uploads run (the runtime the mount was created in); none, none.
+    runtime: Option<tokio::runtime::Handle>,
+    /// Set when an early upload failed for another reason than being abandoned (a
+    /// server that refuses a body without a length, say): later files are sent at close.
+    early_off: bool,
     /// Items this mount published: id → (key, name, sha, size).
     published: HashMap<String, (String, String, crate::digest::Sha512, u64)>,
 }
@@ -55,7 +74,10 @@ pub struct Staging {
 impl Staging {
     /// Pending items left by earlier runs (for this server), reported at mount time.
     pub fn load(outbox: Option<&Outbox>, namespace: &str) -> Staging {
-        let mut s = Staging::default();
+        let mut s = Staging {
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            ..Staging::default()
+        };
         let Some(outbox) = outbox else {
             return s;
         };
@@ -98,13 +120,30 @@ impl Staging {
     }
 
     fn remove(&mut self, id: &str) -> Option<StagedInfo> {
-        self.seq.0.remove(id);
+        self.forget_sequence(id);
         let info = self.items.remove(id)?;
         let k = (info.key.clone(), info.name.clone());
         if self.by_name.get(&k).map(String::as_str) == Some(id) {
             self.by_name.remove(&k);
         }
         Some(info)
+    }
+}
+
+impl Staging {
+    /// The file is no longer known to be written in order from its start: no running
+    /// digest, no early upload.
+    fn forget_sequence(&mut self, id: &str) {
+        self.seq.0.remove(id);
+        if let Some(e) = self.early.remove(id) {
+            e.growing.abandon();
+        }
+    }
+
+    /// The file starts again from empty (created, or truncated to 0).
+    fn restart_sequence(&mut self, id: &str) {
+        self.forget_sequence(id);
+        self.seq.0.insert(id.to_string(), StreamHasher::default());
     }
 }
 
@@ -119,15 +158,7 @@ pub struct StagedHandle {
 /// Reads from a staged file.
 pub fn read_staged(file: &File, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
     let mut buf = vec![0u8; size as usize];
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let got = super::read_full_at(file, &mut buf, offset)?;
     buf.truncate(got);
     Ok(buf)
 }
@@ -245,10 +276,7 @@ impl Core {
         if truncate {
             file.set_len(0)?;
             self.mark_dirty(id);
-            lock(&self.staging)
-                .seq
-                .0
-                .insert(id.to_string(), StreamHasher::default());
+            lock(&self.staging).restart_sequence(id);
         }
         Ok(Handle::Staged(Mutex::new(StagedHandle {
             id: id.to_string(),
@@ -290,7 +318,7 @@ impl Core {
                 written: false,
             },
         );
-        st.seq.0.insert(item.id.clone(), StreamHasher::default());
+        st.restart_sequence(&item.id);
         Ok((item.id, file))
     }
 
@@ -390,14 +418,128 @@ impl Core {
         self.mark_dirty(&h.id);
         let mut st = lock(&self.staging);
         let sequential = st.seq.0.get(&h.id).is_some_and(|s| s.len() == offset);
-        if sequential {
-            if let Some(s) = st.seq.0.get_mut(&h.id) {
-                s.update(bytes::Bytes::copy_from_slice(data));
-            }
-        } else {
-            st.seq.0.remove(&h.id);
+        if !sequential {
+            st.forget_sequence(&h.id);
+            return Ok(data.len() as u32);
+        }
+        let mut len = 0;
+        if let Some(s) = st.seq.0.get_mut(&h.id) {
+            s.update(bytes::Bytes::copy_from_slice(data));
+            len = s.len();
+        }
+        match st.early.get(&h.id) {
+            Some(e) => e.growing.grow(len),
+            None if len >= EARLY_UPLOAD_MIN => self.start_early_upload(&mut st, &h.id, len),
+            None => {}
         }
         Ok(data.len() as u32)
+    }
+
+    /// Starts sending a staged file that is being written in order while the rest is
+    /// still to come (the upload then reads the file as it grows).
+    fn start_early_upload(&self, st: &mut Staging, id: &str, len: u64) {
+        if st.early_off || st.early.contains_key(id) {
+            return;
+        }
+        let (Some(rt), Some(outbox)) = (st.runtime.clone(), self.outbox.as_ref()) else {
+            return;
+        };
+        let file = match File::open(outbox.data_path(id)) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!("outbox item {id}: no early upload: {e}");
+                return;
+            }
+        };
+        let growing = Arc::new(Growing::default());
+        growing.grow(len);
+        let remote = self.client.remote.clone();
+        let g = growing.clone();
+        let task = rt.spawn(async move { remote.post_growing(g, file).await });
+        tracing::debug!("outbox item {id}: upload started while the file is written");
+        st.early
+            .insert(id.to_string(), EarlyUpload { growing, task });
+    }
+
+    /// Waits for the early upload of `id` (now complete at `len` bytes) and says
+    /// whether it stored the blob `sha`. Any failure (abandoned, refused, stalled,
+    /// another hash) is logged and answered `false`: the caller sends the file again.
+    async fn finish_early_upload(&self, early: EarlyUpload, sha: &Sha512, len: u64) -> bool {
+        let EarlyUpload { growing, mut task } = early;
+        if !growing.finish(len) {
+            task.abort();
+            return false;
+        }
+        tracing::debug!(
+            "closed at {len} bytes, {} already sent: waiting for the upload",
+            growing.sent()
+        );
+        let limits = self.client.remote.limits();
+        let tick = (limits.low_speed_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let mut seen = growing.sent();
+        let mut last_move = Instant::now();
+        let result = loop {
+            tokio::select! {
+                r = &mut task => break r,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let sent = growing.sent();
+            if sent != seen {
+                seen = sent;
+                last_move = Instant::now();
+            }
+            // Once the body is all sent, the server hashes and stores before it
+            // answers: that wait is bounded by the upload answer timeout.
+            let limit = if sent >= len {
+                limits.upload_answer_timeout
+            } else {
+                limits.low_speed_timeout
+            };
+            if last_move.elapsed() >= limit {
+                task.abort();
+                tracing::info!(
+                    "upload while writing stalled after {sent} of {len} bytes; sending again"
+                );
+                return false;
+            }
+        };
+        match result {
+            Ok(Ok(theirs)) if theirs == *sha => true,
+            Ok(Ok(theirs)) => {
+                tracing::warn!(
+                    "the server stored the upload as {} where {} was written; sending again",
+                    theirs.short(16),
+                    sha.short(16)
+                );
+                false
+            }
+            Ok(Err(e)) => {
+                // A server that answers (rather than a dropped or idle connection) but
+                // will not take a body without a length is asked no more.
+                let refused = matches!(
+                    e,
+                    RemoteError::Status { .. }
+                        | RemoteError::Protocol { .. }
+                        | RemoteError::NotFound { .. }
+                        | RemoteError::Refused { .. }
+                );
+                let mut st = lock(&self.staging);
+                if !refused {
+                    tracing::info!("upload while writing failed ({e}); sending again");
+                } else if !st.early_off {
+                    st.early_off = true;
+                    tracing::info!(
+                        "upload while writing failed ({e}); files are sent when closed from now on"
+                    );
+                }
+                false
+            }
+            Err(e) => {
+                tracing::debug!("early upload task: {e}");
+                false
+            }
+        }
     }
 
     /// `setattr(size)`: staged files may change size; published ones may not.
@@ -417,9 +559,9 @@ impl Core {
                 // exactly; emptying the file starts a new one.
                 let mut st = lock(&self.staging);
                 if size == 0 {
-                    st.seq.0.insert(id.clone(), StreamHasher::default());
+                    st.restart_sequence(&id);
                 } else if st.seq.0.get(&id).is_some_and(|h| h.len() != size) {
-                    st.seq.0.remove(&id);
+                    st.forget_sequence(&id);
                 }
                 drop(st);
                 self.staged_attr(&id)
@@ -482,7 +624,10 @@ impl Core {
             .get(id)
             .cloned()
             .ok_or(FsError::NotFound)?;
-        let seq = lock(&self.staging).seq.0.remove(id);
+        let (seq, early) = {
+            let mut st = lock(&self.staging);
+            (st.seq.0.remove(id), st.early.remove(id))
+        };
         let known = match seq {
             Some(h) => {
                 let len = h.len();
@@ -494,7 +639,16 @@ impl Core {
             }
             None => None,
         };
-        match publish(&self.client, &outbox, id, known).await {
+        let sent = match (early, &known) {
+            (Some(e), Some((sha, len))) => self.finish_early_upload(e, sha, *len).await,
+            (Some(e), None) => {
+                e.growing.abandon();
+                e.task.abort();
+                false
+            }
+            (None, _) => false,
+        };
+        match publish(&self.client, &outbox, id, known, sent).await {
             Ok(p) => {
                 let data = outbox.data_path(id);
                 let kept = adopt_hashed(data, p.sha, p.len)

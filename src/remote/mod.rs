@@ -296,6 +296,16 @@ impl Remote {
         upload::post(self, path, sha, progress).await
     }
 
+    /// `POST {upload-cache-url}` of a file still being written, sent as it grows (see
+    /// [`crate::growing`]); the hash the server computed.
+    pub async fn post_growing(
+        &self,
+        growing: std::sync::Arc<crate::growing::Growing>,
+        file: std::fs::File,
+    ) -> Result<Sha512, RemoteError> {
+        upload::post_growing(self, growing, file).await
+    }
+
     fn endpoint<'a>(
         e: &'a Option<Endpoint>,
         option: &'static str,

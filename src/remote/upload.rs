@@ -12,6 +12,7 @@
 use super::http::{self, log_answer, net_error, protocol_error, retry, timeout_error};
 use super::{Progress, Remote, RemoteError};
 use crate::digest::Sha512;
+use crate::growing::Growing;
 use futures_util::TryStreamExt;
 use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::StatusCode;
@@ -127,6 +128,45 @@ async fn post_once(
             ),
         )),
     }
+}
+
+/// `POST` of a file while it is still being written ([`Growing`]): the body is sent
+/// chunked (its length is not known yet), once, without retries (the caller falls
+/// back to [`post`] on any failure). Returns the hash the server computed, which the
+/// caller compares with its own.
+pub(super) async fn post_growing(
+    remote: &Remote,
+    growing: Arc<Growing>,
+    file: std::fs::File,
+) -> Result<Sha512, RemoteError> {
+    let inner = &remote.inner;
+    let limits = &inner.limits;
+    let endpoint = Remote::endpoint(&inner.upload_cache, "upload-cache-url")?;
+    let url = endpoint.base();
+    let mut req = inner
+        .cache_client
+        .post(url)
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(growing.stream(file)));
+    if let Some(auth) = inner.upload_cache.as_ref().and_then(|e| e.auth()) {
+        req = req.header(AUTHORIZATION, auth.clone());
+    }
+    let started = Instant::now();
+    let resp = req.send().await.map_err(|e| net_error(url, e))?;
+    log_answer("POST", url, started, resp.status());
+    if resp.status() != StatusCode::CREATED {
+        return Err(http::status_error(url, resp).await);
+    }
+    let answer = read_answer(resp, url, limits.request_timeout).await?;
+    Sha512::parse_any_case(answer.trim()).map_err(|_| {
+        protocol_error(
+            url,
+            format!(
+                "the answer to an upload is not a hash: {:?}",
+                answer.chars().take(140).collect::<String>()
+            ),
+        )
+    })
 }
 
 /// The body of a 201, bounded in size and time.

@@ -1,0 +1,219 @@
+//! A file that is still being written, read by an upload as it grows.
+//!
+//! `cp` into the mount writes a staged file from its start to its end; the blob's POST
+//! can then run beside the copy instead of after it, so that the server's receiving,
+//! hashing and storing overlap the copy and the close waits only for the tail. The
+//! writer ([`Growing::grow`], [`Growing::finish`], [`Growing::abandon`]) is the FUSE
+//! session thread; the reader is the upload's body stream ([`Growing::stream`]), which
+//! reads the bytes from the file (its own descriptor, the page cache) as they land.
+//! An abandoned stream fails the body with an error, which makes the request fail:
+//! the server then stores nothing (it names a blob only after a complete body).
+
+use bytes::Bytes;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Size of each body chunk read from the file.
+const CHUNK: u64 = 256 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Open,
+    /// Complete at this length.
+    Done(u64),
+    Abandoned,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Bytes written from the start, without a gap.
+    len: u64,
+    end: End,
+}
+
+/// The writer's and the reader's shared view of a file being written.
+#[derive(Debug)]
+pub struct Growing {
+    state: Mutex<State>,
+    wake: tokio::sync::Notify,
+    /// Bytes the reader has handed to the HTTP stack (progress, stall detection).
+    sent: AtomicU64,
+}
+
+impl Default for Growing {
+    fn default() -> Self {
+        Growing {
+            state: Mutex::new(State {
+                len: 0,
+                end: End::Open,
+            }),
+            wake: tokio::sync::Notify::new(),
+            sent: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Growing {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file now holds `len` bytes from its start.
+    pub fn grow(&self, len: u64) {
+        let mut st = self.state();
+        if st.end == End::Open && len > st.len {
+            st.len = len;
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The file is complete at `len` bytes; false if it cannot be (abandoned, or
+    /// another length than what was written).
+    pub fn finish(&self, len: u64) -> bool {
+        let mut st = self.state();
+        let ok = match st.end {
+            End::Open => st.len == len,
+            End::Done(n) => n == len,
+            End::Abandoned => false,
+        };
+        st.end = if ok { End::Done(len) } else { End::Abandoned };
+        drop(st);
+        self.wake.notify_one();
+        ok
+    }
+
+    /// The file will not be sent this way (written out of order, truncated, removed).
+    pub fn abandon(&self) {
+        self.state().end = End::Abandoned;
+        self.wake.notify_one();
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.state().end == End::Abandoned
+    }
+
+    /// Bytes handed to the HTTP stack so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// The body: the file's bytes in order, waiting for the writer as needed; ends at
+    /// [`Growing::finish`]'s length, fails at [`Growing::abandon`].
+    pub fn stream(
+        self: Arc<Self>,
+        file: File,
+    ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+        futures_util::stream::unfold((self, file, 0u64), |(g, file, pos)| async move {
+            loop {
+                let (len, end) = {
+                    let st = g.state();
+                    (st.len, st.end)
+                };
+                match end {
+                    End::Abandoned => {
+                        let e = io::Error::other("the file stopped being written in order");
+                        return Some((Err(e), (g, file, pos)));
+                    }
+                    End::Done(n) if pos >= n => return None,
+                    _ => {}
+                }
+                if pos < len {
+                    let want = (len - pos).min(CHUNK) as usize;
+                    let mut buf = vec![0u8; want];
+                    let item = match file.read_exact_at(&mut buf, pos) {
+                        Ok(()) => {
+                            g.sent.fetch_add(want as u64, Ordering::Relaxed);
+                            Ok(Bytes::from(buf))
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let next = pos + want as u64;
+                    return Some((item, (g, file, next)));
+                }
+                // Nothing new yet: a permit stored by a notify that came before this
+                // wait is taken at once, so no write is missed.
+                g.wake.notified().await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use std::io::Write;
+
+    fn collect(g: Arc<Growing>, file: File) -> tokio::task::JoinHandle<Result<Vec<u8>, io::Error>> {
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut s = std::pin::pin!(g.stream(file));
+            while let Some(chunk) = s.next().await {
+                out.extend_from_slice(&chunk?);
+            }
+            Ok(out)
+        })
+    }
+
+    #[tokio::test]
+    async fn reads_what_is_written_as_it_grows_and_ends_at_finish() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let g = Arc::new(Growing::default());
+        let reader = collect(g.clone(), f.reopen().unwrap());
+        let mut all = Vec::new();
+        for i in 0..40u32 {
+            // Chunks of uneven sizes, some larger than a body chunk.
+            let chunk = vec![i as u8; 1000 + (i as usize * 37_000)];
+            f.write_all(&chunk).unwrap();
+            all.extend_from_slice(&chunk);
+            g.grow(all.len() as u64);
+            if i % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(g.finish(all.len() as u64));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(20), reader)
+            .await
+            .expect("the stream ends after finish")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len(), all.len());
+        assert!(got == all, "bytes differ");
+        assert_eq!(g.sent(), all.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn abandoning_fails_the_body() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let g = Arc::new(Growing::default());
+        let reader = collect(g.clone(), f.reopen().unwrap());
+        f.write_all(b"hello").unwrap();
+        g.grow(5);
+        tokio::task::yield_now().await;
+        g.abandon();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(20), reader)
+            .await
+            .expect("the stream ends after abandon")
+            .unwrap();
+        assert!(got.is_err());
+        assert!(g.is_abandoned());
+    }
+
+    #[test]
+    fn finish_at_another_length_abandons() {
+        let g = Growing::default();
+        g.grow(10);
+        assert!(!g.finish(12), "2 bytes were never announced");
+        assert!(g.is_abandoned());
+        let g = Growing::default();
+        g.grow(10);
+        assert!(g.finish(10));
+        assert!(g.finish(10), "finishing twice at the same length is fine");
+        g.grow(20);
+        assert!(!g.finish(20), "growth after the end does not count");
+    }
+}
