@@ -297,6 +297,9 @@ impl HashingFile {
         let old = std::mem::replace(&mut self.hasher, HashState::Inline(Sha512Hasher::new()));
         let _ = old.finalize();
         self.len = 0;
+        if self.pushed.is_some() {
+            self.pushed = Some(0);
+        }
         Ok(())
     }
 

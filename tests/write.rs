@@ -1100,5 +1100,75 @@ fn large_files_upload_while_written_and_rewrites_are_sent_again() {
         m.log_text()
     );
     assert_eq!(read(&m.path(&format!("{key}/rewritten.bin"))), expected);
+
+    // rsync's way: a temporary dot name written in order, closed, then renamed. The
+    // upload started during the writes survives the rename and is the one used.
+    let tmp = m.path(&format!("{key}/.synced.bin.XXXXXX"));
+    let data: Vec<u8> = (0..10 * MIB as usize).map(|i| (i % 251) as u8).collect();
+    let mut f = std::fs::File::create(&tmp).expect("create the temporary file");
+    f.write_all(&data).expect("write");
+    close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
+    std::fs::rename(&tmp, m.path(&format!("{key}/synced.bin")))
+        .unwrap_or_else(|e| panic!("rename failed: {e}\n{}", m.log_text()));
+    let want = sha512_of(&data);
+    published_entry(&s, key, "synced.bin", &want);
+    assert_eq!(
+        log_lines(&m, "upload started while the file is written"),
+        3,
+        "{}",
+        m.log_text()
+    );
+    assert_eq!(
+        log_lines(&m, "already sent: waiting for the upload"),
+        2,
+        "the renamed file's early upload was not used:\n{}",
+        m.log_text()
+    );
+    assert_eq!(log_lines(&m, "method=POST"), 3, "{}", m.log_text());
+    m.unmount();
+}
+
+/// Writing over an entry that a reader holds open through FUSE passthrough fails with
+/// ETXTBSY (the kernel cannot serve one inode both ways) and publishes nothing; once the
+/// reader is gone, the same copy publishes the new version.
+#[test]
+fn writing_over_an_entry_open_with_passthrough_is_etxtbsy_then_works() {
+    use std::io::Read;
+    let s = Setup::new();
+    let src = s.dir("src");
+    let key = "write-busy";
+    let first = src.join("first.bin");
+    let second = src.join("second.bin");
+    write_random_file(&first, 3 * MIB, 81);
+    write_random_file(&second, 2 * MIB, 82);
+    let mut m = s.mount(&[]);
+    mkdir(&m.path(key));
+    let dest = m.path(&format!("{key}/data.bin"));
+    assert_ok(&cp(&first, &dest), &m);
+    let passthrough = m.log_text().contains("served with FUSE passthrough");
+
+    let mut reader = std::fs::File::open(&dest).expect("open for reading");
+    let mut buf = vec![0u8; 4096];
+    reader.read_exact(&mut buf).expect("read");
+    let busy = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&dest);
+    if passthrough {
+        let e = busy.expect_err("a write open succeeded while passthrough holds the inode");
+        assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "{e}");
+    } else {
+        // Without passthrough nothing stops it: the new version is staged.
+        close_checked(busy.expect("write open")).expect("close");
+    }
+    drop(reader);
+    std::thread::sleep(Duration::from_millis(200)); // the kernel's release is asynchronous
+    let entries = s.server.entries_named(key, "data.bin");
+    assert!(
+        entries.iter().all(|e| e.sha512() != sha512_of(b"")),
+        "an empty version was published: {entries:?}"
+    );
+    assert_ok(&cp(&second, &dest), &m);
+    assert_eq!(read(&dest), read(&second));
     m.unmount();
 }

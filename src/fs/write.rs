@@ -137,7 +137,24 @@ impl Staging {
         self.seq.0.remove(id);
         if let Some(e) = self.early.remove(id) {
             e.growing.abandon();
+            // Also when the HTTP stack is not polling the body (connecting, a full
+            // socket): the task and its descriptor on the staged file end now.
+            e.task.abort();
         }
+    }
+
+    /// Gives staged item `id` a new name (its data, running digest and early upload
+    /// stay: `rsync` renames its temporary file once written).
+    fn rename_item(&mut self, id: &str, name: &str) -> Result<(), FsError> {
+        let info = self.items.get_mut(id).ok_or(FsError::NotFound)?;
+        let old = (info.key.clone(), info.name.clone());
+        info.name = name.to_string();
+        let new = (info.key.clone(), name.to_string());
+        if self.by_name.get(&old).map(String::as_str) == Some(id) {
+            self.by_name.remove(&old);
+        }
+        self.by_name.insert(new, id.to_string());
+        Ok(())
     }
 
     /// The file starts again from empty (created, or truncated to 0).
@@ -515,15 +532,18 @@ impl Core {
                 false
             }
             Ok(Err(e)) => {
-                // A server that answers (rather than a dropped or idle connection) but
-                // will not take a body without a length is asked no more.
-                let refused = matches!(
-                    e,
-                    RemoteError::Status { .. }
-                        | RemoteError::Protocol { .. }
-                        | RemoteError::NotFound { .. }
-                        | RemoteError::Refused { .. }
-                );
+                // A server that answers (rather than a dropped or idle connection, or
+                // a passing 5xx or 429) but will not take a body without a length is
+                // asked no more.
+                let refused = match &e {
+                    RemoteError::Status { status, .. } => {
+                        (400..500).contains(status) && *status != 408 && *status != 429
+                    }
+                    RemoteError::Protocol { .. }
+                    | RemoteError::NotFound { .. }
+                    | RemoteError::Refused { .. } => true,
+                    _ => false,
+                };
                 let mut st = lock(&self.staging);
                 if !refused {
                     tracing::info!("upload while writing failed ({e}); sending again");
@@ -650,6 +670,12 @@ impl Core {
         };
         match publish(&self.client, &outbox, id, known, sent).await {
             Ok(p) => {
+                // Before the data moves into the cache: the staged inode's attributes
+                // are then answered for the published entry, never "not found".
+                lock(&self.staging).published.insert(
+                    id.to_string(),
+                    (p.key.clone(), p.name.clone(), p.sha, p.len),
+                );
                 let data = outbox.data_path(id);
                 let kept = adopt_hashed(data, p.sha, p.len)
                     .map_err(|e| e.to_string())
@@ -672,14 +698,7 @@ impl Core {
                         .fetch_add(p.len, std::sync::atomic::Ordering::Relaxed);
                 }
                 let _ = outbox.remove(id);
-                {
-                    let mut st = lock(&self.staging);
-                    st.remove(id);
-                    st.published.insert(
-                        id.to_string(),
-                        (p.key.clone(), p.name.clone(), p.sha, p.len),
-                    );
-                }
+                lock(&self.staging).remove(id);
                 // Show the new entry at once: ask shadir now, then make the kernel forget
                 // what it cached under that name.
                 if let Err(e) = self.refresh(&p.key).await {
@@ -785,9 +804,7 @@ impl Core {
                     let _ = outbox.remove(&old);
                 }
             }
-            let mut info = st.remove(&id).ok_or(FsError::NotFound)?;
-            info.name = file_name.clone();
-            st.insert(id.clone(), info);
+            st.rename_item(&id, &file_name)?;
         }
         let mut item = outbox.get(&id).ok_or(FsError::NotFound)?;
         item.meta.name = file_name.clone();

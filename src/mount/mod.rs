@@ -88,6 +88,15 @@ impl FuseFs {
 }
 
 impl FuseFs {
+    /// True when `ino` has a passthrough backing file registered (open for reading).
+    fn backing_of(&self, ino: u64) -> bool {
+        self.backing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_ino
+            .contains_key(&ino)
+    }
+
     fn reply_open(&self, ino: u64, fh: u64, handle: &OpenHandle, reply: ReplyOpen) {
         reply_open(
             &self.core,
@@ -118,15 +127,20 @@ fn reply_open(
     // The size of an inode's blob never changes, so an inode is always served the
     // same way (the kernel refuses to mix passthrough and cached opens of one inode).
     let small = handle.blob_size().is_some_and(|n| n <= SMALL_BLOB);
+    if !small && handle.backing_file().is_some() {
+        // An inode already served with passthrough stays so, even if passthrough was
+        // turned off since (the kernel fails a cached open of it with EIO).
+        let mut b = backing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((id, users)) = b.by_ino.get_mut(&ino) {
+            *users += 1;
+            reply.opened_passthrough(fh, FOPEN_NOFLUSH, id);
+            b.ino_of_fh.insert(fh, ino);
+            return;
+        }
+    }
     if passthrough.load(Ordering::Relaxed) && !small {
         if let Some(file) = handle.backing_file() {
             let mut b = backing.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((id, users)) = b.by_ino.get_mut(&ino) {
-                *users += 1;
-                reply.opened_passthrough(fh, FOPEN_NOFLUSH, id);
-                b.ino_of_fh.insert(fh, ino);
-                return;
-            }
             match reply.open_backing(file) {
                 Ok(id) => {
                     reply.opened_passthrough(fh, FOPEN_NOFLUSH, &id);
@@ -312,6 +326,13 @@ impl Filesystem for FuseFs {
         let core = self.core.clone();
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             let truncate = flags & libc::O_TRUNC != 0;
+            // The kernel refuses a non-passthrough open of an inode open with
+            // passthrough (and would then release the handle just made, which would
+            // publish an empty new version): say so before staging anything.
+            if self.backing_of(ino) {
+                tracing::info!("open for writing: inode {ino} is open for reading (passthrough)");
+                return reply.error(libc::ETXTBSY);
+            }
             self.rt.spawn(async move {
                 match core.open_write(ino, truncate).await {
                     Ok((fh, _)) => reply.opened(fh, consts::FOPEN_DIRECT_IO),
