@@ -38,6 +38,11 @@ pub struct ItemMeta {
     /// The signed entry, saved before the PUT: `[inner, signature]`.
     #[serde(default)]
     pub entry: Option<(String, String)>,
+    /// Set when a write into the staged data failed (a full disk): the data is not the
+    /// file the writer meant, and the item is never published until it is written again
+    /// from empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
 }
 
 impl ItemMeta {
@@ -137,6 +142,29 @@ impl Outbox {
         write_atomic(&self.item_dir(&item.id).join("meta.json"), &json)
     }
 
+    /// Records that item `id`'s data is incomplete (see [`ItemMeta::incomplete`]), or
+    /// clears that with `None`. When the record cannot be written (the disk that just
+    /// refused the data may refuse this too), the old metadata is removed, which frees
+    /// its blocks, and the record written once more; if that fails too, the item stays
+    /// without metadata: listed as unreadable, never published.
+    pub fn set_incomplete(&self, id: &str, why: Option<&str>) -> std::io::Result<()> {
+        let Some(mut item) = self.get(id) else {
+            return Ok(());
+        };
+        item.meta.incomplete = why.map(str::to_string);
+        if let Some(w) = why {
+            item.meta.last_error = Some(w.to_string());
+        }
+        match self.save(&item) {
+            Ok(()) => Ok(()),
+            Err(_) if why.is_some() => {
+                std::fs::remove_file(self.item_dir(id).join("meta.json"))?;
+                self.save(&item)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// One item, if it exists and its metadata reads.
     pub fn get(&self, id: &str) -> Option<Item> {
         let text = std::fs::read(self.item_dir(id).join("meta.json")).ok()?;
@@ -222,6 +250,7 @@ impl Outbox {
             last_error: None,
             sha512: None,
             entry: None,
+            incomplete: None,
         }
     }
 }

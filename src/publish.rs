@@ -33,6 +33,8 @@ pub enum PublishError {
     Busy,
     #[error("outbox item {0} is gone")]
     Gone(String),
+    #[error("the staged file is incomplete ({0}): write it again")]
+    Incomplete(String),
 }
 
 fn now() -> f64 {
@@ -71,6 +73,9 @@ pub async fn publish(
     let mut item = outbox
         .get(id)
         .ok_or_else(|| PublishError::Gone(id.to_string()))?;
+    if let Some(why) = &item.meta.incomplete {
+        return Err(PublishError::Incomplete(why.clone()));
+    }
     let path = outbox.data_path(id);
     let on_disk = std::fs::metadata(&path)?.len();
     let blob_sent = blob_sent && known.is_some_and(|(_, len)| len == on_disk);

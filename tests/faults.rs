@@ -1398,6 +1398,40 @@ async fn staging_that_does_not_fit_fails_with_enospc() {
     assert!(after.is_subset(&before), "{after:?}");
     std::fs::remove_file(&ballast).expect("removing the ballast");
 
+    // With space again, retrying (as `--retry-uploads` and `outbox retry` do) must not
+    // publish the truncated file: it is marked incomplete, in memory and in the outbox.
+    let (published, failed) = within("retrying pending uploads", core.retry_pending()).await;
+    assert_eq!((published, failed), (0, 1), "retry of the truncated file");
+    assert!(
+        w.srv.entries("full").is_none(),
+        "a retry published the truncated file"
+    );
+    let (items, unreadable) = outbox.list();
+    let marked = items.iter().any(|i| {
+        i.meta.name == "huge.bin"
+            && i.meta
+                .incomplete
+                .as_deref()
+                .is_some_and(|why| why.contains("failed"))
+    });
+    assert!(
+        marked || !unreadable.is_empty(),
+        "the truncated item is neither marked incomplete nor unreadable: {items:?}"
+    );
+    if let Some(item) = items.iter().find(|i| i.meta.name == "huge.bin") {
+        let client = core.client().clone();
+        let r = within(
+            "publishing the truncated item directly",
+            shacachefs::publish::publish(&client, &outbox, &item.id, None, false),
+        )
+        .await;
+        assert!(
+            matches!(r, Err(shacachefs::publish::PublishError::Incomplete(_))),
+            "outbox retry would publish the truncated file: {:?}",
+            r.map(|p| p.sha)
+        );
+    }
+
     // The pending truncated file can be dropped, which gives the space back.
     within("dropping the pending file", core.unlink(dir, "huge.bin"))
         .await

@@ -36,6 +36,9 @@ pub struct StagedInfo {
     pub dirty: bool,
     /// Data was written (or the size set) at least once.
     pub written: bool,
+    /// A write into the staged data failed: why, and its errno (reported by every
+    /// close until the file is written again from empty; never published meanwhile).
+    pub incomplete: Option<(String, i32)>,
 }
 
 /// The running digest of a staged file written sequentially from its start (what `cp`
@@ -96,6 +99,7 @@ impl Staging {
                     last_error: item.meta.last_error,
                     dirty: true,
                     written: true,
+                    incomplete: item.meta.incomplete.clone().map(|w| (w, libc::EIO)),
                 },
             );
         }
@@ -184,7 +188,7 @@ fn publish_errno(e: PublishError) -> FsError {
     match e {
         PublishError::Remote(r) => FsError::Remote(r),
         PublishError::Io(io) => FsError::Io(io),
-        PublishError::Busy | PublishError::Gone(_) => {
+        PublishError::Busy | PublishError::Gone(_) | PublishError::Incomplete(_) => {
             FsError::Io(std::io::Error::other(e.to_string()))
         }
     }
@@ -294,6 +298,7 @@ impl Core {
             file.set_len(0)?;
             self.mark_dirty(id);
             lock(&self.staging).restart_sequence(id);
+            self.clear_incomplete(id);
         }
         Ok(Handle::Staged(Mutex::new(StagedHandle {
             id: id.to_string(),
@@ -301,6 +306,40 @@ impl Core {
             name: info.name,
             file,
         })))
+    }
+
+    /// A write into staged item `id` failed: the staged data is not the file any more.
+    fn mark_incomplete(&self, id: &str, key: &str, name: &str, offset: u64, e: &FsError) {
+        let why = format!("a write at offset {offset} failed: {e}");
+        tracing::error!("key {key}: {name}: {why}; it will not be published until written again");
+        {
+            let mut st = lock(&self.staging);
+            st.forget_sequence(id);
+            if let Some(i) = st.items.get_mut(id) {
+                i.incomplete = Some((why.clone(), e.errno()));
+                i.last_error = Some(why.clone());
+            }
+        }
+        if let Some(outbox) = &self.outbox {
+            if let Err(err) = outbox.set_incomplete(id, Some(&why)) {
+                tracing::warn!(
+                    "outbox item {id}: metadata removed, it could not be updated: {err}"
+                );
+            }
+        }
+    }
+
+    /// Staged item `id` is empty again: whatever failed before no longer matters.
+    fn clear_incomplete(&self, id: &str) {
+        let was = lock(&self.staging)
+            .items
+            .get_mut(id)
+            .and_then(|i| i.incomplete.take());
+        if was.is_some() {
+            if let Some(outbox) = &self.outbox {
+                let _ = outbox.set_incomplete(id, None);
+            }
+        }
     }
 
     fn mark_dirty(&self, id: &str) {
@@ -333,6 +372,7 @@ impl Core {
                 last_error: None,
                 dirty: true,
                 written: false,
+                incomplete: None,
             },
         );
         st.restart_sequence(&item.id);
@@ -431,7 +471,11 @@ impl Core {
             h.id = id;
             h.file = file;
         }
-        h.file.write_all_at(data, offset)?;
+        if let Err(e) = h.file.write_all_at(data, offset) {
+            let e = FsError::from(e);
+            self.mark_incomplete(&h.id, &h.key, &h.name, offset, &e);
+            return Err(e);
+        }
         self.mark_dirty(&h.id);
         let mut st = lock(&self.staging);
         let sequential = st.seq.0.get(&h.id).is_some_and(|s| s.len() == offset);
@@ -584,6 +628,9 @@ impl Core {
                     st.forget_sequence(&id);
                 }
                 drop(st);
+                if size == 0 {
+                    self.clear_incomplete(&id);
+                }
                 self.staged_attr(&id)
             }
             Node::Entry { key, name, .. } => {
@@ -644,6 +691,15 @@ impl Core {
             .get(id)
             .cloned()
             .ok_or(FsError::NotFound)?;
+        if let Some((why, errno)) = &info.incomplete {
+            tracing::error!(
+                "key {}: {}: not published: {why} (the staged file is kept at {}; write it again, or `shacachefs outbox drop {id}`)",
+                info.key,
+                info.name,
+                outbox.data_path(id).display()
+            );
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(*errno)));
+        }
         let (seq, early) = {
             let mut st = lock(&self.staging);
             (st.seq.0.remove(id), st.early.remove(id))
