@@ -38,6 +38,11 @@ struct State {
 #[derive(Debug)]
 pub struct Growing {
     state: Mutex<State>,
+    /// The reader's descriptor on the file, given to [`Growing::stream`]. Abandoning
+    /// closes it at once: the HTTP stack may keep the body stream itself for a while
+    /// (until its connection notices), and a descriptor kept with it would keep a
+    /// removed file's disk space.
+    file: Mutex<Option<File>>,
     wake: tokio::sync::Notify,
     /// Bytes the reader has handed to the HTTP stack (progress, stall detection).
     sent: AtomicU64,
@@ -50,6 +55,7 @@ impl Default for Growing {
                 len: 0,
                 end: End::Open,
             }),
+            file: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
             sent: AtomicU64::new(0),
         }
@@ -89,6 +95,7 @@ impl Growing {
     /// The file will not be sent this way (written out of order, truncated, removed).
     pub fn abandon(&self) {
         self.state().end = End::Abandoned;
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.wake.notify_one();
     }
 
@@ -107,32 +114,34 @@ impl Growing {
         self: Arc<Self>,
         file: File,
     ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
-        futures_util::stream::unfold((self, file, 0u64), |(g, file, pos)| async move {
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+        futures_util::stream::unfold((self, 0u64), |(g, pos)| async move {
             loop {
                 let (len, end) = {
                     let st = g.state();
                     (st.len, st.end)
                 };
+                let abandoned = || io::Error::other("the file stopped being written in order");
                 match end {
-                    End::Abandoned => {
-                        let e = io::Error::other("the file stopped being written in order");
-                        return Some((Err(e), (g, file, pos)));
+                    End::Abandoned => return Some((Err(abandoned()), (g, pos))),
+                    End::Done(n) if pos >= n => {
+                        g.file.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        return None;
                     }
-                    End::Done(n) if pos >= n => return None,
                     _ => {}
                 }
                 if pos < len {
                     let want = (len - pos).min(CHUNK) as usize;
                     let mut buf = vec![0u8; want];
-                    let item = match file.read_exact_at(&mut buf, pos) {
-                        Ok(()) => {
-                            g.sent.fetch_add(want as u64, Ordering::Relaxed);
-                            Ok(Bytes::from(buf))
-                        }
-                        Err(e) => Err(e),
+                    let read = match &*g.file.lock().unwrap_or_else(|p| p.into_inner()) {
+                        Some(file) => file.read_exact_at(&mut buf, pos),
+                        None => Err(abandoned()),
                     };
-                    let next = pos + want as u64;
-                    return Some((item, (g, file, next)));
+                    let item = read.map(|()| {
+                        g.sent.fetch_add(want as u64, Ordering::Relaxed);
+                        Bytes::from(buf)
+                    });
+                    return Some((item, (g, pos + want as u64)));
                 }
                 // Nothing new yet: a permit stored by a notify that came before this
                 // wait is taken at once, so no write is missed.
@@ -201,6 +210,21 @@ mod tests {
             .unwrap();
         assert!(got.is_err());
         assert!(g.is_abandoned());
+    }
+
+    #[tokio::test]
+    async fn abandoning_closes_the_descriptor_at_once() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let g = Arc::new(Growing::default());
+        // A stream that nobody polls (as when the HTTP stack waits on its socket).
+        let s = g.clone().stream(f.reopen().unwrap());
+        assert!(g.file.lock().unwrap().is_some());
+        g.abandon();
+        assert!(
+            g.file.lock().unwrap().is_none(),
+            "the descriptor outlived abandon"
+        );
+        drop(s);
     }
 
     #[test]

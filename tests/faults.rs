@@ -1100,6 +1100,93 @@ async fn upload_cut_or_unanswered_is_kept_then_retried() {
     assert!(Outbox::open(&w.cache_dir()).unwrap().list().0.is_empty());
 }
 
+/// The POSTs the server logged after the first `skip`: (chunked, status).
+fn posts_since(w: &World, skip: usize) -> Vec<(bool, u16)> {
+    w.srv
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .skip(skip)
+        .map(|r| (r.chunked, r.status))
+        .collect()
+}
+
+/// Uploads started while a file is written (chunked, past 8 MiB written in order) that
+/// go wrong: a 201 with another hash, then a 411 (a front end that wants a length). Each
+/// time the file is sent again whole at close and published right; after the refusal,
+/// later files are sent at close only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_while_writing_fall_back_when_misanswered_or_refused() {
+    let w = World::new().await;
+    let core = w.core(fast());
+
+    // A healthy server: one chunked POST, used.
+    let d0 = pseudo_random_bytes(12 << 20, 600);
+    within(
+        "writing ok.bin",
+        write_through(&core, "early", "ok.bin", &d0),
+    )
+    .await
+    .expect("ok.bin published");
+    assert_eq!(posts_since(&w, 0), vec![(true, 201)]);
+    assert!(w.srv.has_blob(&Sha512::of(&d0)));
+
+    // 201 with another hash for the early upload: sent again, whole, with a length.
+    w.srv
+        .push_rule(Rule::new(Fault::WrongEcho).method("POST").times(1));
+    let before = posts_since(&w, 0).len();
+    let d1 = pseudo_random_bytes(12 << 20, 601);
+    within(
+        "writing echo.bin",
+        write_through(&core, "early", "echo.bin", &d1),
+    )
+    .await
+    .expect("echo.bin published after the wrong echo");
+    assert_eq!(posts_since(&w, before), vec![(true, 201), (false, 201)]);
+    assert!(w.srv.has_blob(&Sha512::of(&d1)));
+
+    // 411 for the early upload: sent again whole; the next file is not tried early.
+    w.srv
+        .push_rule(Rule::new(Fault::Status(411)).method("POST").times(1));
+    let before = posts_since(&w, 0).len();
+    let d2 = pseudo_random_bytes(12 << 20, 602);
+    within(
+        "writing len.bin",
+        write_through(&core, "early", "len.bin", &d2),
+    )
+    .await
+    .expect("len.bin published after the 411");
+    assert_eq!(posts_since(&w, before), vec![(true, 411), (false, 201)]);
+    let before = posts_since(&w, 0).len();
+    let d3 = pseudo_random_bytes(12 << 20, 603);
+    within(
+        "writing next.bin",
+        write_through(&core, "early", "next.bin", &d3),
+    )
+    .await
+    .expect("next.bin published");
+    assert_eq!(
+        posts_since(&w, before),
+        vec![(false, 201)],
+        "early uploads go on after a 411"
+    );
+    for (name, d) in [
+        ("ok.bin", &d0),
+        ("echo.bin", &d1),
+        ("len.bin", &d2),
+        ("next.bin", &d3),
+    ] {
+        let sha = Sha512::of(d);
+        assert!(w.srv.has_blob(&sha), "{name}: blob missing");
+        let entries = w.srv.entries("early").expect("entries of early");
+        assert!(
+            entries.iter().any(|e| e.inner.contains(&sha.hex())),
+            "{name}: no entry for its bytes"
+        );
+    }
+    assert!(w.srv.dangling_entries().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_refused_or_misanswered_publishes_nothing() {
     let w = World::new().await;
@@ -1438,7 +1525,19 @@ async fn staging_that_does_not_fit_fails_with_enospc() {
         .expect("rm of a pending file");
     let (items, _) = outbox.list();
     assert!(items.is_empty(), "{items:?}");
-    assert!(free_bytes(&mnt) > 20 << 20, "space not given back");
+    let open_fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|p| p.display().to_string())
+                .filter(|p| p.contains("outbox"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        free_bytes(&mnt) > 20 << 20,
+        "space not given back; open in this process: {open_fds:?}"
+    );
 
     // Nothing is corrupted, and a file that fits is published.
     let report = core.cache().fsck().expect("fsck");

@@ -167,6 +167,8 @@ pub struct Logged {
     pub range: Option<String>,
     /// The status sent (0 when no answer was sent).
     pub status: u16,
+    /// The request body came chunked (no `Content-Length`).
+    pub chunked: bool,
     /// The fault applied, if any.
     pub fault: Option<String>,
 }
@@ -426,6 +428,10 @@ impl Head {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+    fn is_chunked(&self) -> bool {
+        self.header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+    }
     fn content_length(&self) -> usize {
         self.header("content-length")
             .and_then(|v| v.trim().parse().ok())
@@ -507,6 +513,40 @@ async fn read_body(r: &mut BufReader<OwnedReadHalf>, n: usize, state: &State) ->
     Some(body)
 }
 
+/// Most bytes of a chunked request body taken (a test's body is far smaller).
+const MAX_CHUNKED_BODY: usize = 256 << 20;
+
+/// Reads a chunked request body (counted as it arrives); `None` when the connection
+/// ended first or the framing is broken.
+async fn read_chunked_body(r: &mut BufReader<OwnedReadHalf>, state: &State) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let size = usize::from_str_radix(line.trim().split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                let mut t = String::new();
+                if r.read_line(&mut t).await.ok()? == 0 {
+                    return None;
+                }
+                if t.trim().is_empty() {
+                    return Some(body);
+                }
+            }
+        }
+        if body.len() + size > MAX_CHUNKED_BODY {
+            return None;
+        }
+        body.extend_from_slice(&read_body(r, size, state).await?);
+        let mut crlf = [0u8; 2];
+        r.read_exact(&mut crlf).await.ok()?;
+    }
+}
+
 /// The first rule matching, its count used once.
 fn take_fault(state: &State, method: &str, path: &str) -> Option<Fault> {
     let mut rules = lock(&state.rules);
@@ -527,6 +567,7 @@ fn log(state: &State, head: &Head, status: u16, fault: &Option<Fault>) {
         path: head.path.chars().take(300).collect(),
         range: head.header("range").map(String::from),
         status,
+        chunked: head.is_chunked(),
         fault,
     });
 }
@@ -554,7 +595,12 @@ async fn serve(sock: TcpStream, state: Arc<State>) {
             }
             _ => {}
         }
-        let Some(body) = read_body(&mut r, len, &state).await else {
+        let body = if head.is_chunked() {
+            read_chunked_body(&mut r, &state).await
+        } else {
+            read_body(&mut r, len, &state).await
+        };
+        let Some(body) = body else {
             log(&state, &head, 0, &fault);
             return;
         };
