@@ -114,7 +114,13 @@ impl Growing {
         self: Arc<Self>,
         file: File,
     ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
-        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+        {
+            // Under the state lock: an abandon that came first keeps no descriptor.
+            let st = self.state();
+            if st.end != End::Abandoned {
+                *self.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+            }
+        }
         futures_util::stream::unfold((self, 0u64), |(g, pos)| async move {
             loop {
                 let (len, end) = {

@@ -38,11 +38,6 @@ pub struct ItemMeta {
     /// The signed entry, saved before the PUT: `[inner, signature]`.
     #[serde(default)]
     pub entry: Option<(String, String)>,
-    /// Set when a write into the staged data failed (a full disk): the data is not the
-    /// file the writer meant, and the item is never published until it is written again
-    /// from empty.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub incomplete: Option<String>,
 }
 
 impl ItemMeta {
@@ -142,27 +137,32 @@ impl Outbox {
         write_atomic(&self.item_dir(&item.id).join("meta.json"), &json)
     }
 
-    /// Records that item `id`'s data is incomplete (see [`ItemMeta::incomplete`]), or
-    /// clears that with `None`. When the record cannot be written (the disk that just
-    /// refused the data may refuse this too), the old metadata is removed, which frees
-    /// its blocks, and the record written once more; if that fails too, the item stays
-    /// without metadata: listed as unreadable, never published.
+    /// Marks item `id`'s data incomplete (a write into it failed: it is not the file its
+    /// writer meant) with an empty `incomplete` file beside it, or clears the mark. The
+    /// mark is a file of its own, so that no rewrite of `meta.json` (a publish in another
+    /// process, a rename) can lose it, and creating an empty file needs no data block on
+    /// the disk that just refused the data. The reason goes to `last_error`, best effort.
     pub fn set_incomplete(&self, id: &str, why: Option<&str>) -> std::io::Result<()> {
-        let Some(mut item) = self.get(id) else {
-            return Ok(());
-        };
-        item.meta.incomplete = why.map(str::to_string);
-        if let Some(w) = why {
-            item.meta.last_error = Some(w.to_string());
-        }
-        match self.save(&item) {
-            Ok(()) => Ok(()),
-            Err(_) if why.is_some() => {
-                std::fs::remove_file(self.item_dir(id).join("meta.json"))?;
-                self.save(&item)
+        let marker = self.item_dir(id).join("incomplete");
+        match why {
+            Some(why) => {
+                File::create(&marker)?;
+                if let Some(mut item) = self.get(id) {
+                    item.meta.last_error = Some(why.to_string());
+                    let _ = self.save(&item);
+                }
+                Ok(())
             }
-            Err(e) => Err(e),
+            None => match std::fs::remove_file(&marker) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
         }
+    }
+
+    /// True when item `id` is marked incomplete (see [`Outbox::set_incomplete`]).
+    pub fn is_incomplete(&self, id: &str) -> bool {
+        self.item_dir(id).join("incomplete").exists()
     }
 
     /// One item, if it exists and its metadata reads.
@@ -250,7 +250,6 @@ impl Outbox {
             last_error: None,
             sha512: None,
             entry: None,
-            incomplete: None,
         }
     }
 }

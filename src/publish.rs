@@ -73,8 +73,16 @@ pub async fn publish(
     let mut item = outbox
         .get(id)
         .ok_or_else(|| PublishError::Gone(id.to_string()))?;
-    if let Some(why) = &item.meta.incomplete {
-        return Err(PublishError::Incomplete(why.clone()));
+    let incomplete = |item: &crate::outbox::Item| {
+        PublishError::Incomplete(
+            item.meta
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "a write into it failed".to_string()),
+        )
+    };
+    if outbox.is_incomplete(id) {
+        return Err(incomplete(&item));
     }
     let path = outbox.data_path(id);
     let on_disk = std::fs::metadata(&path)?.len();
@@ -104,12 +112,17 @@ pub async fn publish(
             || client
                 .ensure_blob(&path, &sha, outbox.dir(), &|_, _| {})
                 .await?;
+        // Once more just before the entry goes out: a write may have failed meanwhile.
+        if outbox.is_incomplete(id) {
+            return Ok(None);
+        }
         client.remote.put_dir(&key, &entry).await?;
-        Ok::<bool, RemoteError>(uploaded)
+        Ok::<Option<bool>, RemoteError>(Some(uploaded))
     }
     .await;
     match attempt {
-        Ok(uploaded) => Ok(Published {
+        Ok(None) => Err(incomplete(&item)),
+        Ok(Some(uploaded)) => Ok(Published {
             sha,
             len,
             key,

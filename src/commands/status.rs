@@ -79,5 +79,10 @@ pub fn run(args: StatusArgs) -> Result<()> {
         g("bytes_uploaded"),
         g("outbox_pending")
     );
+    let w = g("uploads_while_writing");
+    println!(
+        "            uploads while writing: {} started, {} used, {} sent again at close",
+        w["started"], w["used"], w["sent_again"]
+    );
     Ok(())
 }

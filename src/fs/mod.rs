@@ -182,6 +182,11 @@ pub struct Stats {
     pub probes: AtomicU64,
     pub bytes_uploaded: AtomicU64,
     pub published: AtomicU64,
+    /// Uploads started while a file was written, those whose result publishing used,
+    /// and those given up (the file then sent again at close).
+    pub early_started: AtomicU64,
+    pub early_used: AtomicU64,
+    pub early_resent: AtomicU64,
     /// Set by the FUSE adapter when the kernel granted passthrough.
     pub passthrough: std::sync::atomic::AtomicBool,
 }

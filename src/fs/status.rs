@@ -69,6 +69,11 @@ impl Core {
             "bytes_fetched": s.bytes_fetched.load(Ordering::Relaxed),
             "bytes_uploaded": s.bytes_uploaded.load(Ordering::Relaxed),
             "entries_published": s.published.load(Ordering::Relaxed),
+            "uploads_while_writing": {
+                "started": s.early_started.load(Ordering::Relaxed),
+                "used": s.early_used.load(Ordering::Relaxed),
+                "sent_again": s.early_resent.load(Ordering::Relaxed),
+            },
             "shadir_requests": s.dir_requests.load(Ordering::Relaxed),
             "size_probes": s.probes.load(Ordering::Relaxed),
             "outbox_pending": self.pending_count(),

@@ -23,6 +23,7 @@ use crate::remote::RemoteError;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -91,6 +92,10 @@ impl Staging {
         let mut n = 0;
         for item in items.into_iter().filter(|i| i.meta.namespace == namespace) {
             n += 1;
+            let incomplete = outbox.is_incomplete(&item.id).then(|| {
+                let why = item.meta.last_error.clone();
+                (why.unwrap_or_else(|| "a write failed".into()), libc::EIO)
+            });
             s.insert(
                 item.id,
                 StagedInfo {
@@ -99,7 +104,7 @@ impl Staging {
                     last_error: item.meta.last_error,
                     dirty: true,
                     written: true,
-                    incomplete: item.meta.incomplete.clone().map(|w| (w, libc::EIO)),
+                    incomplete,
                 },
             );
         }
@@ -322,23 +327,27 @@ impl Core {
         }
         if let Some(outbox) = &self.outbox {
             if let Err(err) = outbox.set_incomplete(id, Some(&why)) {
-                tracing::warn!(
-                    "outbox item {id}: metadata removed, it could not be updated: {err}"
-                );
+                // Without the mark on disk, another process (or this one after a
+                // restart) could publish the truncated data: the item leaves the disk.
+                // The mark in memory stays, so that every close still fails; `rm`
+                // forgets the name.
+                tracing::error!("outbox item {id}: cannot mark it incomplete ({err}); removing it");
+                let _ = outbox.remove(id);
             }
         }
     }
 
-    /// Staged item `id` is empty again: whatever failed before no longer matters.
+    /// Staged item `id` is empty again: whatever failed before no longer matters. The
+    /// mark on disk goes first; the one in memory only once that worked.
     fn clear_incomplete(&self, id: &str) {
-        let was = lock(&self.staging)
-            .items
-            .get_mut(id)
-            .and_then(|i| i.incomplete.take());
-        if was.is_some() {
-            if let Some(outbox) = &self.outbox {
-                let _ = outbox.set_incomplete(id, None);
+        if let Some(outbox) = &self.outbox {
+            if let Err(e) = outbox.set_incomplete(id, None) {
+                tracing::warn!("outbox item {id}: cannot clear its incomplete mark: {e}");
+                return;
             }
+        }
+        if let Some(i) = lock(&self.staging).items.get_mut(id) {
+            i.incomplete = None;
         }
     }
 
@@ -462,12 +471,22 @@ impl Core {
         };
         let mut h = lock(m);
         if !lock(&self.staging).items.contains_key(&h.id) {
-            // Already published (or dropped): copy into a new staged version first.
+            // Already published (or dropped): copy into a new staged version first. A
+            // copy cut short (a full disk) must not stay behind as a pending version.
             let (id, file) = self.stage(&h.key.clone(), &h.name.clone())?;
-            let mut src = h.file.try_clone()?;
-            let mut dst = file.try_clone()?;
-            std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
-            std::io::copy(&mut src, &mut dst)?;
+            let copied = (|| {
+                let mut src = h.file.try_clone()?;
+                let mut dst = file.try_clone()?;
+                std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
+                std::io::copy(&mut src, &mut dst)
+            })();
+            if let Err(e) = copied {
+                lock(&self.staging).remove(&id);
+                if let Some(outbox) = &self.outbox {
+                    let _ = outbox.remove(&id);
+                }
+                return Err(e.into());
+            }
             h.id = id;
             h.file = file;
         }
@@ -517,6 +536,7 @@ impl Core {
         let remote = self.client.remote.clone();
         let g = growing.clone();
         let task = rt.spawn(async move { remote.post_growing(g, file).await });
+        self.stats.early_started.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("outbox item {id}: upload started while the file is written");
         st.early
             .insert(id.to_string(), EarlyUpload { growing, task });
@@ -650,10 +670,14 @@ impl Core {
         // No fsync: staged data survives the daemon's death in the page cache, and an
         // fsync of a large file would cost more than the upload itself.
         let id = lock(m).id.clone();
-        let (dirty, written, name) = match lock(&self.staging).items.get(&id) {
-            Some(i) => (i.dirty, i.written, i.name.clone()),
+        let (dirty, written, name, incomplete) = match lock(&self.staging).items.get(&id) {
+            Some(i) => (i.dirty, i.written, i.name.clone(), i.incomplete.clone()),
             None => return Ok(()),
         };
+        // A file a write into which failed: every close says so again.
+        if let Some((_, errno)) = incomplete {
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(errno)));
+        }
         // A new file nobody wrote to yet is published when its last descriptor goes
         // (release): `echo x > f` closes a duplicate descriptor before writing, and that
         // close must not publish an empty entry.
@@ -715,6 +739,7 @@ impl Core {
             }
             None => None,
         };
+        let had_early = early.is_some();
         let sent = match (early, &known) {
             (Some(e), Some((sha, len))) => self.finish_early_upload(e, sha, *len).await,
             (Some(e), None) => {
@@ -724,6 +749,14 @@ impl Core {
             }
             (None, _) => false,
         };
+        if had_early {
+            let counter = if sent {
+                &self.stats.early_used
+            } else {
+                &self.stats.early_resent
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         match publish(&self.client, &outbox, id, known, sent).await {
             Ok(p) => {
                 // Before the data moves into the cache: the staged inode's attributes
@@ -745,13 +778,11 @@ impl Core {
                 }
                 self.cache.record_size(&p.sha, p.len);
                 self.cache.add_known_key(&p.key);
-                self.stats
-                    .published
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
                 if p.uploaded {
                     self.stats
                         .bytes_uploaded
-                        .fetch_add(p.len, std::sync::atomic::Ordering::Relaxed);
+                        .fetch_add(p.len, Ordering::Relaxed);
                 }
                 let _ = outbox.remove(id);
                 lock(&self.staging).remove(id);
