@@ -26,6 +26,17 @@ fn mounted(mnt: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(1) == Some(want.to_str().unwrap_or("")))
 }
 
+/// The filesystem type /proc/mounts gives for the mount on `mnt`.
+fn mount_type(mnt: &Path) -> Option<String> {
+    let want = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1).copied() == want.to_str())
+        .and_then(|f| f.get(2).map(|t| t.to_string()))
+}
+
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
@@ -322,6 +333,7 @@ fn fstab_style_mount_and_umount() {
         mounted(&mnt),
         "mount -t fuse.shacachefs returned but nothing is mounted"
     );
+    let fstype = mount_type(&mnt);
     let read = std::fs::read(mnt.join("fstab-key/f.txt"));
     let names: Vec<String> = std::fs::read_dir(&mnt)
         .map(|rd| {
@@ -339,6 +351,11 @@ fn fstab_style_mount_and_umount() {
         b"mounted the usual way\n"
     );
     assert!(names.contains(&"fstab-key".to_string()), "{names:?}");
+    assert_eq!(
+        fstype.as_deref(),
+        Some("fuse.shacachefs"),
+        "the type /proc/mounts shows"
+    );
     assert!(umount.success(), "umount failed");
     assert!(!mounted(&mnt));
     // The daemon ends with the unmount.

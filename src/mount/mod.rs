@@ -640,7 +640,9 @@ pub fn mount(fs: FuseFs, cfg: &MountConfig) -> Result<fuser::Session<FuseFs>, Mo
     }
     let mut options = vec![
         MountOption::FSName("shacachefs".into()),
-        MountOption::Subtype("shacachefs".into()),
+        // As a kernel option, so that /proc/mounts says `fuse.shacachefs` when root
+        // mounts directly (fuser gives `Subtype` only to fusermount).
+        MountOption::CUSTOM("subtype=shacachefs".into()),
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::DefaultPermissions,
