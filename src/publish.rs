@@ -59,15 +59,16 @@ fn entry_metadata(name: &str, extra: &Map<String, Value>) -> Map<String, Value> 
 
 /// Publishes item `id` of `outbox` with `client`. `known` is the data's digest and
 /// length when the caller hashed it as it was written (sequential writes through the
-/// mount); otherwise the staged file is hashed here. `blob_sent`: the caller already
-/// stored exactly these bytes in shacache (it checked the hash the server computed),
-/// so only the entry is left to publish.
+/// mount); otherwise the staged file is hashed here. `blob`: what the caller already
+/// knows of the blob `known` names in shacache: `Some(true)`, it stored exactly these
+/// bytes (it checked the hash the server computed); `Some(false)`, shacache had them
+/// already; either way only the entry is left to publish. `None`: probe, then upload.
 pub async fn publish(
     client: &Client,
     outbox: &Outbox,
     id: &str,
     known: Option<(Sha512, u64)>,
-    blob_sent: bool,
+    blob: Option<bool>,
 ) -> Result<Published, PublishError> {
     let _lock = outbox.try_lock(id)?.ok_or(PublishError::Busy)?;
     let mut item = outbox
@@ -86,7 +87,7 @@ pub async fn publish(
     }
     let path = outbox.data_path(id);
     let on_disk = std::fs::metadata(&path)?.len();
-    let blob_sent = blob_sent && known.is_some_and(|(_, len)| len == on_disk);
+    let blob = blob.filter(|_| known.is_some_and(|(_, len)| len == on_disk));
     let (sha, len) = match known {
         Some((sha, len)) if len == on_disk => (sha, len),
         _ => {
@@ -108,10 +109,14 @@ pub async fn publish(
     };
     let key = item.meta.key.clone();
     let attempt = async {
-        let uploaded = blob_sent
-            || client
-                .ensure_blob(&path, &sha, outbox.dir(), &|_, _| {})
-                .await?;
+        let uploaded = match blob {
+            Some(uploaded) => uploaded,
+            None => {
+                client
+                    .ensure_blob(&path, &sha, outbox.dir(), &|_, _| {})
+                    .await?
+            }
+        };
         // Once more just before the entry goes out: a write may have failed meanwhile.
         if outbox.is_incomplete(id) {
             return Ok(None);

@@ -1199,6 +1199,50 @@ async fn uploads_while_writing_fall_back_when_misanswered_or_refused() {
     );
 }
 
+/// A file whose blob shacache already has, copied over a link too slow to have sent it
+/// all by the close (here: a server that takes no byte of the upload): the close asks
+/// shacache, stops the upload, and publishes the entry at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_while_writing_stops_at_close_when_the_blob_is_already_there() {
+    let w = World::new().await;
+    let core = w.core(fast());
+    let data = pseudo_random_bytes(40 << 20, 610);
+    let sha = w.srv.add_blob(&data);
+    let blobs = w.srv.blob_count();
+    w.srv.push_rule(
+        Rule::new(Fault::HoldRequest {
+            read: 0,
+            hold: Duration::from_secs(20),
+        })
+        .method("POST")
+        .times(1),
+    );
+    within(
+        "writing known.bin",
+        write_through(&core, "known", "known.bin", &data),
+    )
+    .await
+    .expect("known.bin published");
+    let entries = w.srv.entries("known").expect("entries of known");
+    assert!(entries.iter().any(|e| e.inner.contains(&sha.hex())));
+    assert_eq!(w.srv.blob_count(), blobs, "nothing new stored");
+    let answered: Vec<_> = w
+        .srv
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.status != 0)
+        .collect();
+    assert!(answered.is_empty(), "the blob was sent again: {answered:?}");
+    // Counted as used (its answer, "already there", is the one taken), not as sent
+    // again: without asking at close, the close would wait for the stalled upload to
+    // time out, then fall back.
+    let status = within("status", core.status()).await;
+    let early = &status["uploads_while_writing"];
+    assert_eq!(early["used"], 1, "{status}");
+    assert_eq!(early["sent_again"], 0, "{status}");
+    assert_eq!(status["bytes_uploaded"], 0, "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_refused_or_misanswered_publishes_nothing() {
     let w = World::new().await;
@@ -1518,7 +1562,7 @@ async fn staging_that_does_not_fit_fails_with_enospc() {
         let client = core.client().clone();
         let r = within(
             "publishing the truncated item directly",
-            shacachefs::publish::publish(&client, &outbox, &item.id, None, false),
+            shacachefs::publish::publish(&client, &outbox, &item.id, None, None),
         )
         .await;
         assert!(

@@ -110,7 +110,7 @@ async fn retry(
             );
             continue;
         }
-        match publish(&client, outbox, &item.id, None, false).await {
+        match publish(&client, outbox, &item.id, None, None).await {
             Ok(p) => {
                 if let Ok(v) = adopt_hashed(outbox.data_path(&item.id), p.sha, p.len) {
                     let _ = cache.insert_blob(v);

@@ -19,7 +19,7 @@ use crate::growing::Growing;
 use crate::naming::{unescape, KEY_RESERVED};
 use crate::outbox::Outbox;
 use crate::publish::{publish, PublishError};
-use crate::remote::RemoteError;
+use crate::remote::{Probe, RemoteError};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -542,19 +542,38 @@ impl Core {
             .insert(id.to_string(), EarlyUpload { growing, task });
     }
 
-    /// Waits for the early upload of `id` (now complete at `len` bytes) and says
-    /// whether it stored the blob `sha`. Any failure (abandoned, refused, stalled,
-    /// another hash) is logged and answered `false`: the caller sends the file again.
-    async fn finish_early_upload(&self, early: EarlyUpload, sha: &Sha512, len: u64) -> bool {
+    /// Waits for the early upload of `id` (now complete at `len` bytes): `Some(true)`
+    /// when it stored the blob `sha`, `Some(false)` when shacache turned out to have it
+    /// already (asked at close when bytes were still to send: the rest is not sent),
+    /// `None` after any failure (abandoned, refused, stalled, another hash), logged; the
+    /// caller then sends the file again.
+    async fn finish_early_upload(
+        &self,
+        early: EarlyUpload,
+        sha: &Sha512,
+        len: u64,
+    ) -> Option<bool> {
         let EarlyUpload { growing, mut task } = early;
         if !growing.finish(len) {
             task.abort();
-            return false;
+            return None;
         }
-        tracing::debug!(
-            "closed at {len} bytes, {} already sent: waiting for the upload",
-            growing.sent()
-        );
+        let sent = growing.sent();
+        tracing::debug!("closed at {len} bytes, {sent} already sent: waiting for the upload");
+        if sent < len {
+            // The hash is known now: a blob shacache already has need not be sent on.
+            let probe = self
+                .client
+                .remote
+                .probe_blob(sha, self.cache.tmp_dir())
+                .await;
+            if let Ok(Probe::Size(_) | Probe::Fetched(_)) = probe {
+                task.abort();
+                growing.abandon();
+                tracing::debug!("shacache already has {}: upload stopped", sha.short(16));
+                return Some(false);
+            }
+        }
         let limits = self.client.remote.limits();
         let tick = (limits.low_speed_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
@@ -582,18 +601,18 @@ impl Core {
                 tracing::info!(
                     "upload while writing stalled after {sent} of {len} bytes; sending again"
                 );
-                return false;
+                return None;
             }
         };
         match result {
-            Ok(Ok(theirs)) if theirs == *sha => true,
+            Ok(Ok(theirs)) if theirs == *sha => Some(true),
             Ok(Ok(theirs)) => {
                 tracing::warn!(
                     "the server stored the upload as {} where {} was written; sending again",
                     theirs.short(16),
                     sha.short(16)
                 );
-                false
+                None
             }
             Ok(Err(e)) => {
                 // A server that answers (rather than a dropped or idle connection, or
@@ -617,11 +636,11 @@ impl Core {
                         "upload while writing failed ({e}); files are sent when closed from now on"
                     );
                 }
-                false
+                None
             }
             Err(e) => {
                 tracing::debug!("early upload task: {e}");
-                false
+                None
             }
         }
     }
@@ -740,24 +759,24 @@ impl Core {
             None => None,
         };
         let had_early = early.is_some();
-        let sent = match (early, &known) {
+        let blob = match (early, &known) {
             (Some(e), Some((sha, len))) => self.finish_early_upload(e, sha, *len).await,
             (Some(e), None) => {
                 e.growing.abandon();
                 e.task.abort();
-                false
+                None
             }
-            (None, _) => false,
+            (None, _) => None,
         };
         if had_early {
-            let counter = if sent {
+            let counter = if blob.is_some() {
                 &self.stats.early_used
             } else {
                 &self.stats.early_resent
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }
-        match publish(&self.client, &outbox, id, known, sent).await {
+        match publish(&self.client, &outbox, id, known, blob).await {
             Ok(p) => {
                 // Before the data moves into the cache: the staged inode's attributes
                 // are then answered for the published entry, never "not found".
