@@ -109,15 +109,9 @@ impl Drop for Mount {
 /// and `File`'s drop ignore): that is where shacachefs reports a failed upload.
 fn write_and_close(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::fd::IntoRawFd;
     let mut f = std::fs::File::create(path)?;
     f.write_all(data)?;
-    let fd = f.into_raw_fd();
-    // SAFETY: we own the descriptor and close it once.
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    common::close_checked(f)
 }
 
 fn status_json(mnt: &Path) -> serde_json::Value {

@@ -1017,17 +1017,6 @@ fn peak_rss_uploading_1gib_stays_under_64mib() {
 // ---------------------------------------------------------------------------------------
 // Uploads that run while the file is written.
 
-/// Closes `f`, returning the error of `close()` (which `File`'s drop ignores).
-fn close_checked(f: std::fs::File) -> std::io::Result<()> {
-    use std::os::fd::IntoRawFd;
-    let fd = f.into_raw_fd();
-    // SAFETY: we own the descriptor and close it once.
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Lines of the daemon's log that contain `needle`.
 fn log_lines(m: &Mount, needle: &str) -> usize {
     log_lines_since(m, 0, needle)
@@ -1101,7 +1090,7 @@ fn large_files_upload_while_written_and_rewrites_are_sent_again() {
     let tail = vec![0xee; 3 * MIB as usize];
     f.write_all(&tail).expect("write after the rewrite");
     expected.extend_from_slice(&tail);
-    close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
+    common::close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
     let want = sha512_of(&expected);
     published_entry(&s, key, "rewritten.bin", &want);
     both_clients_download(&s, key, "rewritten.bin", &want);
@@ -1128,7 +1117,7 @@ fn large_files_upload_while_written_and_rewrites_are_sent_again() {
     let data: Vec<u8> = (0..10 * MIB as usize).map(|i| (i % 251) as u8).collect();
     let mut f = std::fs::File::create(&tmp).expect("create the temporary file");
     f.write_all(&data).expect("write");
-    close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
+    common::close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
     std::fs::rename(&tmp, m.path(&format!("{key}/synced.bin")))
         .unwrap_or_else(|e| panic!("rename failed: {e}\n{}", m.log_text()));
     let want = sha512_of(&data);
@@ -1180,7 +1169,7 @@ fn writing_over_an_entry_open_with_passthrough_is_etxtbsy_then_works() {
         assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "{e}");
     } else {
         // Without passthrough nothing stops it: the new version is staged.
-        close_checked(busy.expect("write open")).expect("close");
+        common::close_checked(busy.expect("write open")).expect("close");
     }
     drop(reader);
     std::thread::sleep(Duration::from_millis(200)); // the kernel's release is asynchronous

@@ -19,13 +19,13 @@ use crate::growing::Growing;
 use crate::naming::{unescape, KEY_RESERVED};
 use crate::outbox::Outbox;
 use crate::publish::{publish, PublishError};
-use crate::remote::{Probe, RemoteError};
+use crate::remote::{await_sent, Probe, RemoteError, SendWait};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 /// A staged file's state in this mount.
 #[derive(Debug, Clone)]
@@ -574,33 +574,23 @@ impl Core {
                 return Some(false);
             }
         }
-        let limits = self.client.remote.limits();
-        let tick = (limits.low_speed_timeout / 4)
-            .clamp(Duration::from_millis(10), Duration::from_millis(250));
-        let mut seen = growing.sent();
-        let mut last_move = Instant::now();
-        let result = loop {
-            tokio::select! {
-                r = &mut task => break r,
-                _ = tokio::time::sleep(tick) => {}
-            }
-            let sent = growing.sent();
-            if sent != seen {
-                seen = sent;
-                last_move = Instant::now();
-            }
-            // Once the body is all sent, the server hashes and stores before it
-            // answers: that wait is bounded by the upload answer timeout.
-            let limit = if sent >= len {
-                limits.upload_answer_timeout
-            } else {
-                limits.low_speed_timeout
-            };
-            if last_move.elapsed() >= limit {
+        let waited = await_sent(
+            &mut task,
+            || growing.sent(),
+            len,
+            self.client.remote.limits(),
+            |_| {},
+        )
+        .await;
+        let result = match waited {
+            Ok(r) => r,
+            Err(why) => {
                 task.abort();
-                tracing::info!(
-                    "upload while writing stalled after {sent} of {len} bytes; sending again"
-                );
+                let why = match why {
+                    SendWait::Stalled(n) => format!("stalled after {n} of {len} bytes"),
+                    SendWait::NoAnswer => format!("no answer after all {len} bytes"),
+                };
+                tracing::info!("upload while writing {why}; sending again");
                 return None;
             }
         };

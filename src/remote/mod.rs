@@ -33,6 +33,7 @@ mod tls;
 mod upload;
 
 pub use http::redact_url;
+pub(crate) use upload::{await_sent, SendWait};
 
 use crate::config::TlsFiles;
 use crate::digest::{Sha512, VerifiedFile};

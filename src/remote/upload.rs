@@ -10,12 +10,13 @@
 //! upload is harmless.
 
 use super::http::{self, log_answer, net_error, protocol_error, retry, timeout_error};
-use super::{Progress, Remote, RemoteError};
+use super::{Limits, Progress, Remote, RemoteError};
 use crate::digest::Sha512;
 use crate::growing::Growing;
 use futures_util::TryStreamExt;
 use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::StatusCode;
+use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -73,39 +74,33 @@ async fn post_once(
     }
 
     let started = Instant::now();
-    let send = req.send();
-    tokio::pin!(send);
-    let tick =
-        (limits.low_speed_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
-    let mut seen = 0u64;
-    let mut last_move = Instant::now();
-    let resp = loop {
-        tokio::select! {
-            r = &mut send => break r.map_err(|e| net_error(url, e))?,
-            _ = tokio::time::sleep(tick) => {}
-        }
-        let sent = pulled.load(Ordering::Relaxed);
-        if sent != seen {
-            seen = sent;
-            last_move = Instant::now();
-            progress(sent.min(len), Some(len));
-        }
-        if sent >= len {
-            // All handed over: now the server hashes it all before answering.
-            let wait = limits.upload_answer_timeout;
-            break tokio::time::timeout(wait, &mut send)
-                .await
-                .map_err(|_| timeout_error(url, format!("no answer {wait:?} after the upload")))?
-                .map_err(|e| net_error(url, e))?;
-        }
-        if last_move.elapsed() >= limits.low_speed_timeout {
+    let answer = await_sent(
+        req.send(),
+        || pulled.load(Ordering::Relaxed),
+        len,
+        limits,
+        |sent| progress(sent.min(len), Some(len)),
+    )
+    .await;
+    let resp = match answer {
+        Ok(r) => r.map_err(|e| net_error(url, e))?,
+        Err(SendWait::Stalled(sent)) => {
             return Err(timeout_error(
                 url,
                 format!(
                     "upload stalled: nothing sent for {:?} after {sent} of {len} bytes",
                     limits.low_speed_timeout
                 ),
-            ));
+            ))
+        }
+        Err(SendWait::NoAnswer) => {
+            return Err(timeout_error(
+                url,
+                format!(
+                    "no answer {:?} after the upload",
+                    limits.upload_answer_timeout
+                ),
+            ))
         }
     };
     log_answer("POST", url, started, resp.status());
@@ -167,6 +162,54 @@ pub(super) async fn post_growing(
             ),
         )
     })
+}
+
+/// Why [`await_sent`] gave up.
+#[derive(Debug)]
+pub(crate) enum SendWait {
+    /// The HTTP stack took nothing for the low-speed timeout, after this many bytes.
+    Stalled(u64),
+    /// The body was all sent and no answer came within the upload answer timeout.
+    NoAnswer,
+}
+
+/// Awaits `answer`, a request whose body is being sent, watching `sent()` (the bytes
+/// the HTTP stack took so far, of `len`): gives up when nothing moves for
+/// `limits.low_speed_timeout` before the body is all sent, or when no answer comes
+/// `limits.upload_answer_timeout` after that (the server hashes and stores the body
+/// before it answers). `moved` is told each new count.
+pub(crate) async fn await_sent<T>(
+    answer: impl Future<Output = T>,
+    sent: impl Fn() -> u64,
+    len: u64,
+    limits: &Limits,
+    mut moved: impl FnMut(u64),
+) -> Result<T, SendWait> {
+    tokio::pin!(answer);
+    let tick =
+        (limits.low_speed_timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut seen = sent();
+    let mut last_move = Instant::now();
+    loop {
+        tokio::select! {
+            r = &mut answer => return Ok(r),
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let now = sent();
+        if now != seen {
+            seen = now;
+            last_move = Instant::now();
+            moved(now);
+        }
+        if now >= len {
+            return tokio::time::timeout(limits.upload_answer_timeout, &mut answer)
+                .await
+                .map_err(|_| SendWait::NoAnswer);
+        }
+        if last_move.elapsed() >= limits.low_speed_timeout {
+            return Err(SendWait::Stalled(now));
+        }
+    }
 }
 
 /// The body of a 201, bounded in size and time.

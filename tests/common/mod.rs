@@ -44,6 +44,18 @@ pub fn fixture(rel: &str) -> PathBuf {
 }
 
 /// A fresh temporary directory (removed when dropped).
+/// Closes `f`, returning the error of `close()` (which `File`'s drop ignores): that is
+/// where shacachefs reports a failed upload.
+pub fn close_checked(f: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // SAFETY: we own the descriptor and close it once.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("shacachefs-test-")
