@@ -67,6 +67,28 @@ pub struct ItemLock {
     _file: File,
 }
 
+/// Held by a mount while it has an item open for writing (a shared `flock` on the
+/// item's `writing` file); released on drop. Other processes (`outbox retry`, another
+/// mount's `--retry-uploads`) leave such an item alone: see [`Outbox::open_for_writing`].
+#[derive(Debug)]
+pub struct WriterLock {
+    _file: File,
+}
+
+fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
+    // SAFETY: flock on a descriptor we own.
+    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -220,18 +242,37 @@ impl Outbox {
             .truncate(false)
             .write(true)
             .open(self.item_dir(id).join("lock"))?;
-        // SAFETY: flock on a descriptor we own.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r == 0 {
-            Ok(Some(ItemLock { _file: file }))
-        } else {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Ok(None)
-            } else {
-                Err(e)
-            }
+        Ok(flock(&file, libc::LOCK_EX)?.then_some(ItemLock { _file: file }))
+    }
+
+    fn writing_file(&self, id: &str) -> std::io::Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.item_dir(id).join("writing"))
+    }
+
+    /// Marks an item as open for writing by this process until the returned lock is
+    /// dropped (a shared lock: several handles may hold it at once). Fails with
+    /// `WouldBlock` while another process has claimed the item ([`Outbox::claim`]).
+    pub fn writer_lock(&self, id: &str) -> std::io::Result<WriterLock> {
+        let file = self.writing_file(id)?;
+        if !flock(&file, libc::LOCK_SH)? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "the item is being published by another process",
+            ));
         }
+        Ok(WriterLock { _file: file })
+    }
+
+    /// Claims an item for a process that publishes or removes it from outside the mount
+    /// (`outbox retry`/`drop`): `None` while a mount holds it open for writing. While the
+    /// claim is held, no mount can open the item for writing.
+    pub fn claim(&self, id: &str) -> std::io::Result<Option<WriterLock>> {
+        let file = self.writing_file(id)?;
+        Ok(flock(&file, libc::LOCK_EX)?.then_some(WriterLock { _file: file }))
     }
 
     /// A new item's metadata.
@@ -279,6 +320,17 @@ mod tests {
         assert!(ob.try_lock(&item.id).unwrap().is_none());
         drop(l);
         assert!(ob.try_lock(&item.id).unwrap().is_some());
+        let w1 = ob.writer_lock(&item.id).unwrap();
+        let w2 = ob.writer_lock(&item.id).unwrap();
+        assert!(ob.claim(&item.id).unwrap().is_none());
+        drop(w1);
+        assert!(ob.claim(&item.id).unwrap().is_none());
+        drop(w2);
+        let c = ob.claim(&item.id).unwrap().expect("no writer left");
+        let e = ob.writer_lock(&item.id).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        drop(c);
+        ob.writer_lock(&item.id).unwrap();
         ob.remove(&item.id).unwrap();
         assert!(ob.list().0.is_empty());
         assert!(ob.remove("../x").is_err());
