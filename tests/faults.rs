@@ -359,16 +359,16 @@ async fn write_through(
     data: &[u8],
 ) -> Result<(), FsError> {
     let dir = core.mkdir(ROOT_INO, key).await?.ino;
-    let (_, fh, _) = core.create(dir, name).await?;
+    let (_, fh, _) = core.create(dir, name, None).await?;
     let mut result = Ok(());
     for (i, chunk) in data.chunks(128 << 10).enumerate() {
-        if let Err(e) = core.write(fh, (i * (128 << 10)) as u64, chunk) {
+        if let Err(e) = core.write(fh, (i * (128 << 10)) as u64, chunk).await {
             result = Err(e);
             break;
         }
     }
     if result.is_ok() {
-        result = within(&format!("closing {key}/{name}"), core.flush(fh)).await;
+        result = within(&format!("closing {key}/{name}"), core.flush(fh, None)).await;
     }
     core.release_handle(fh).await;
     result
@@ -1471,11 +1471,11 @@ async fn staging_that_does_not_fit_fails_with_enospc() {
     let dir = core.mkdir(ROOT_INO, "full").await.expect("mkdir").ino;
 
     // 40 MiB written into 24 MiB: a write fails with ENOSPC.
-    let (_, fh, _) = core.create(dir, "huge.bin").await.expect("create");
+    let (_, fh, _) = core.create(dir, "huge.bin", None).await.expect("create");
     let chunk = pseudo_random_bytes(1 << 20, 400);
     let mut failed = None;
     for i in 0..40u64 {
-        if let Err(e) = core.write(fh, i << 20, &chunk) {
+        if let Err(e) = core.write(fh, i << 20, &chunk).await {
             failed = Some((i, e));
             break;
         }
@@ -1483,7 +1483,7 @@ async fn staging_that_does_not_fit_fails_with_enospc() {
     let (at, e) = failed.expect("40 MiB fit in a 24 MiB filesystem");
     assert_eq!(e.errno(), libc::ENOSPC, "write {at}: {e}");
     // `cp` closes after the failed write: the truncated file must not be published.
-    let closed = within("closing after ENOSPC", core.flush(fh)).await;
+    let closed = within("closing after ENOSPC", core.flush(fh, None)).await;
     core.release_handle(fh).await;
     assert!(
         w.srv.entries("full").is_none(),
@@ -1514,11 +1514,12 @@ async fn staging_that_does_not_fit_fails_with_enospc() {
     }
     let outbox = Outbox::open(&cache_dir).expect("outbox");
     let before: BTreeSet<String> = outbox.list().0.into_iter().map(|i| i.id).collect();
-    match core.create(dir, "nospace.bin").await {
+    match core.create(dir, "nospace.bin", None).await {
         Ok((_, fh, _)) => {
             // Creating may succeed (an empty file); writing cannot.
             let e = core
                 .write(fh, 0, &chunk[..4096])
+                .await
                 .expect_err("writing into a full filesystem");
             assert_eq!(e.errno(), libc::ENOSPC, "{e}");
             core.release_handle(fh).await;

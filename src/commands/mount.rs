@@ -185,6 +185,8 @@ pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> 
         }
     });
     let ran = tokio::task::spawn_blocking(move || session.run()).await?;
+    // Releases the kernel sent as the last descriptors closed may still be publishing.
+    core.settle(SETTLE_LIMIT).await;
     if let Err(e) = core.cache().close() {
         tracing::warn!("saving cache tables: {e}");
     }
@@ -192,6 +194,10 @@ pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> 
     tracing::info!("unmounted {}", args.mountpoint.display());
     Ok(())
 }
+
+/// How long an unmounted daemon waits for publishes in flight before it exits (what
+/// is left stays pending in the outbox). Below systemd's default stop timeout (90 s).
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// `--retry-uploads`: publishes pending files with a backoff from 15 s doubling to
 /// 15 min, for at most 12 rounds (about 2 h), then stops and says so.
@@ -350,12 +356,7 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
             passthrough: !args.no_passthrough,
         },
     )?;
-    let notifier = session.notifier();
-    core.set_invalidator(Box::new(move |parent, name| {
-        if let Err(e) = notifier.inval_entry(parent, std::ffi::OsStr::new(name)) {
-            tracing::debug!("invalidating {name}: {e}");
-        }
-    }));
+    core.set_invalidator(crate::mount::notice_thread(session.notifier()));
     if args.retry_uploads && writable {
         tokio::spawn(retry_loop(core.clone()));
     }

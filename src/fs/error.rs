@@ -26,6 +26,8 @@ pub enum FsError {
     Range,
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
+    #[error("busy: {0}")]
+    Busy(&'static str),
     #[error(transparent)]
     Remote(#[from] RemoteError),
     #[error(transparent)]
@@ -47,6 +49,7 @@ impl FsError {
             FsError::NoAttr => libc::ENODATA,
             FsError::Range => libc::ERANGE,
             FsError::Invalid(_) => libc::EINVAL,
+            FsError::Busy(_) => libc::EBUSY,
             FsError::Remote(e) => remote_errno(e),
             FsError::Cache(e) => cache_errno(e),
             FsError::Io(e) => io_errno(e),

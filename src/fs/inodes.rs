@@ -71,6 +71,23 @@ impl Inodes {
     pub fn node(&self, ino: u64) -> Option<&Node> {
         self.by_ino.get(&ino)
     }
+
+    /// The inode of a node the kernel was already shown, without allocating one.
+    pub fn known(&self, node: &Node) -> Option<u64> {
+        self.by_node.get(node).copied()
+    }
+
+    /// Retires `ino`: it keeps standing for its node (open handles, the kernel's
+    /// questions about it), but the next lookup of that node gets a new number. Used
+    /// when the file behind a node changed in a way the kernel cannot be told about
+    /// for the old inode (a passthrough backing file still held by older opens).
+    pub fn retire(&mut self, ino: u64) {
+        if let Some(node) = self.by_ino.get(&ino) {
+            if self.by_node.get(node) == Some(&ino) {
+                self.by_node.remove(node);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -96,5 +113,13 @@ mod tests {
         assert_ne!(t.ino(&b), ia);
         assert_eq!(t.node(ia), Some(&a));
         assert_eq!(t.node(999), None);
+        assert_eq!(t.known(&a), Some(ia));
+        t.retire(ia);
+        assert_eq!(t.known(&a), None);
+        assert_eq!(t.node(ia), Some(&a), "a retired inode still answers");
+        let again = t.ino(&a);
+        assert!(again != ia && again != t.ino(&b));
+        t.retire(ia);
+        assert_eq!(t.known(&a), Some(again), "retiring twice keeps the new one");
     }
 }

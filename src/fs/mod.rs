@@ -23,6 +23,7 @@ pub mod flight;
 pub mod inodes;
 pub mod status;
 mod write;
+pub use write::Busy;
 pub mod xattr;
 
 use crate::cache::{BlobPin, Cache};
@@ -202,6 +203,10 @@ pub struct Core {
     key_locks: KeyedLocks<String>,
     blob_locks: KeyedLocks<Sha512>,
     size_locks: KeyedLocks<Sha512>,
+    /// One new version at a time per published staged item (see `write`).
+    successor_locks: KeyedLocks<String>,
+    /// Write-side tasks in flight (see `write::Busy`).
+    busy: std::sync::atomic::AtomicUsize,
     probes: Arc<Semaphore>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -213,8 +218,19 @@ pub struct Core {
     pub stats: Stats,
 }
 
-/// Tells the kernel to forget a name in a directory (set by the FUSE adapter).
-pub type Invalidator = Box<dyn Fn(u64, &str) + Send + Sync>;
+/// What the kernel must forget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A name in a directory (it now shows another inode, or nothing).
+    Entry { parent: u64, name: String },
+    /// An inode's attributes and cached content (a symlink's target included).
+    Inode(u64),
+}
+
+/// Tells the kernel to forget something (set by the FUSE adapter). It must not block:
+/// the adapter queues the notice for a thread of its own, since the kernel may wait
+/// for a directory lock that a request in flight holds.
+pub type Invalidator = Box<dyn Fn(Notice) + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -234,6 +250,20 @@ fn time_of(ts: f64) -> Option<SystemTime> {
         Some(UNIX_EPOCH + Duration::from_secs_f64(ts))
     } else {
         None
+    }
+}
+
+/// The time of the entry an inode shows: the one under `name` when it still shows
+/// `sha`, else the version of that blob under another name (an older version of the
+/// name, which a descriptor opened before the refresh still reads).
+fn mtime_of(listing: &KeyListing, name: &str, sha: &Sha512) -> Option<SystemTime> {
+    match listing.files.get(name) {
+        Some(f) if f.entry.info.sha512 == *sha => Some(f.mtime),
+        _ => listing
+            .files
+            .values()
+            .find(|f| f.entry.info.sha512 == *sha)
+            .map(|f| f.mtime),
     }
 }
 
@@ -285,6 +315,8 @@ impl Core {
             key_locks: KeyedLocks::default(),
             blob_locks: KeyedLocks::default(),
             size_locks: KeyedLocks::default(),
+            successor_locks: KeyedLocks::default(),
+            busy: Default::default(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             started: SystemTime::now(),
@@ -378,9 +410,64 @@ impl Core {
 
     fn remember(self: &Arc<Self>, key: &str, listing: Listing) -> Arc<KeyListing> {
         let built = Arc::new(self.build(key, listing));
-        lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
+        let old = lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
+        if let Some(KeyState::Listed(old)) = old {
+            self.tell_changes(key, &old, &built);
+        }
         self.prefetch_sizes(&built);
         built
+    }
+
+    /// A refresh changed what names of `key` show: the kernel forgets what it cached of
+    /// them (a name now showing another blob or gone, `latest`'s target, the size of
+    /// `.entries.json`), else it would serve the old answers until its own timeouts,
+    /// or for ever for a cached symlink.
+    fn tell_changes(&self, key: &str, old: &KeyListing, new: &KeyListing) {
+        let mut notices = Vec::new();
+        {
+            let inodes = lock(&self.inodes);
+            let Some(parent) = inodes.known(&Node::Key(key.to_string())) else {
+                return;
+            };
+            for (name, f) in &old.files {
+                let now = new.files.get(name).map(|n| n.entry.info.sha512);
+                if now != Some(f.entry.info.sha512) {
+                    notices.push(Notice::Entry {
+                        parent,
+                        name: name.clone(),
+                    });
+                }
+            }
+            if old.latest != new.latest {
+                if let Some(ino) = inodes.known(&Node::Latest(key.to_string())) {
+                    notices.push(Notice::Inode(ino));
+                }
+                notices.push(Notice::Entry {
+                    parent,
+                    name: "latest".into(),
+                });
+            }
+            if old.entries_json != new.entries_json {
+                if let Some(ino) = inodes.known(&Node::EntriesJson(key.to_string())) {
+                    notices.push(Notice::Inode(ino));
+                }
+            }
+        }
+        for n in notices {
+            self.notify(n);
+        }
+    }
+
+    /// Queues a notice for the kernel (nothing when there is no kernel: tests).
+    pub fn notify(&self, n: Notice) {
+        if let Some(f) = self.invalidator.get() {
+            f(n);
+        }
+    }
+
+    /// See [`Inodes::retire`].
+    pub fn retire_ino(&self, ino: u64) {
+        lock(&self.inodes).retire(ino);
     }
 
     /// The trusted, named entries of a key; `None` when shadir does not know the key.
@@ -623,6 +710,14 @@ impl Core {
             .downloads_in_flight
             .fetch_sub(1, Ordering::Relaxed);
         let verified = result?;
+        // The verified length is the truth; a probe's size was a hint (a HEAD can lie).
+        let n = verified.len();
+        if let Some(hint) = self.cache.size_of(sha).filter(|h| *h != n) {
+            tracing::warn!(
+                "{what}: the size announced was {hint} bytes, the verified blob has {n}"
+            );
+        }
+        self.cache.record_size(sha, n);
         match self.cache.insert_and_open(verified)? {
             Some(h) => Ok(h),
             None => Err(FsError::Io(std::io::Error::other(
@@ -762,7 +857,7 @@ impl Core {
             },
             Node::Entry { key, name, sha } => {
                 let mtime = match self.listing(&key).await {
-                    Ok(Some(l)) => l.files.get(&name).map(|f| f.mtime),
+                    Ok(Some(l)) => mtime_of(&l, &name, &sha),
                     _ => None,
                 }
                 .unwrap_or(self.started);
@@ -799,7 +894,7 @@ impl Core {
                 let Some(Some(listing)) = self.fresh_state(&key) else {
                     return None;
                 };
-                let mtime = listing.files.get(&name)?.mtime;
+                let mtime = mtime_of(&listing, &name, &sha)?;
                 let size = self.cache.size_of(&sha)?;
                 Some(Ok(self.file_attr(ino, size, mtime)))
             }
@@ -911,7 +1006,7 @@ impl Core {
                     self.open_blob(&sha, &format!("key {key}: entry {name}"))
                         .await?
                 }
-                _ => self.open_staged(&id, false)?,
+                _ => self.open_staged(&id, false, None).await?,
             },
             Node::Root | Node::ShaDir | Node::Key(_) => return Err(FsError::IsDir),
             Node::Latest(_) => return Err(FsError::Invalid("symbolic link")),

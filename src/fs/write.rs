@@ -17,7 +17,7 @@ use super::{lock, Attr, Core, FsError, Handle, Invalidator, Kind, Node};
 use crate::digest::{adopt_hashed, Sha512, StreamHasher};
 use crate::growing::Growing;
 use crate::naming::{unescape, KEY_RESERVED};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, WriterLock};
 use crate::publish::{publish, PublishError};
 use crate::remote::{await_sent, Probe, RemoteError, SendWait};
 use std::collections::HashMap;
@@ -40,6 +40,30 @@ pub struct StagedInfo {
     /// A write into the staged data failed: why, and its errno (reported by every
     /// close until the file is written again from empty; never published meanwhile).
     pub incomplete: Option<(String, i32)>,
+    /// The last publish failed and nothing was written since: the last release does
+    /// not try again at once (`--retry-uploads` and `outbox retry` do).
+    pub failed: bool,
+    /// Frozen bytes: a publish holds this exclusively from the moment it starts hashing
+    /// until it ends; everything that changes the staged bytes or size holds it shared.
+    freeze: Arc<tokio::sync::RwLock<()>>,
+    /// One publish of an item at a time; a flush that finds one in flight waits for it.
+    publishing: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl StagedInfo {
+    fn new(key: String, name: String) -> StagedInfo {
+        StagedInfo {
+            key,
+            name,
+            last_error: None,
+            dirty: true,
+            written: false,
+            incomplete: None,
+            failed: false,
+            freeze: Arc::default(),
+            publishing: Arc::default(),
+        }
+    }
 }
 
 /// The running digest of a staged file written sequentially from its start (what `cp`
@@ -73,6 +97,9 @@ pub struct Staging {
     early_off: bool,
     /// Items this mount published: id → (key, name, sha, size).
     published: HashMap<String, (String, String, crate::digest::Sha512, u64)>,
+    /// A published item → the new version that handles still writing after that
+    /// publish share (a copy of the published bytes plus their writes).
+    successor: HashMap<String, String>,
 }
 
 impl Staging {
@@ -96,17 +123,11 @@ impl Staging {
                 let why = item.meta.last_error.clone();
                 (why.unwrap_or_else(|| "a write failed".into()), libc::EIO)
             });
-            s.insert(
-                item.id,
-                StagedInfo {
-                    key: item.meta.key,
-                    name: item.meta.name,
-                    last_error: item.meta.last_error,
-                    dirty: true,
-                    written: true,
-                    incomplete,
-                },
-            );
+            let mut info = StagedInfo::new(item.meta.key, item.meta.name);
+            info.last_error = item.meta.last_error;
+            info.written = true;
+            info.incomplete = incomplete;
+            s.insert(item.id, info);
         }
         if n > 0 {
             tracing::warn!(
@@ -179,6 +200,11 @@ pub struct StagedHandle {
     pub key: String,
     pub name: String,
     pub file: File,
+    /// The thread group that opened it: only its flushes publish (children that
+    /// inherited the descriptor close it too). `None` when it could not be known.
+    pub opener: Option<u32>,
+    /// Held while open: `outbox retry` from another process leaves the item alone.
+    writer: Option<WriterLock>,
 }
 
 /// Reads from a staged file.
@@ -193,13 +219,55 @@ fn publish_errno(e: PublishError) -> FsError {
     match e {
         PublishError::Remote(r) => FsError::Remote(r),
         PublishError::Io(io) => FsError::Io(io),
-        PublishError::Busy | PublishError::Gone(_) | PublishError::Incomplete(_) => {
+        PublishError::Busy => FsError::Busy("being published by another process"),
+        PublishError::Gone(_) | PublishError::Incomplete(_) => {
             FsError::Io(std::io::Error::other(e.to_string()))
         }
     }
 }
 
+/// Counts a write-side task (a flush's or release's publish) from the moment the FUSE
+/// request arrives until it ends, so that unmounting waits for it.
+pub struct Busy(Arc<Core>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Core {
+    /// Marks a write-side task in flight (taken on the session thread, before the
+    /// task is spawned, so that none is missed); see [`Core::settle`].
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    /// After the session ended (unmount, SIGTERM): waits, at most `limit`, for the
+    /// publishes in flight and the releases queued. What is left stays pending in the
+    /// outbox, reported at the next mount. Returns how many were still running.
+    pub async fn settle(&self, limit: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut said = false;
+        loop {
+            let n = self.busy.load(Ordering::Acquire);
+            if n == 0 || tokio::time::Instant::now() >= deadline {
+                if n > 0 {
+                    tracing::warn!(
+                        "{n} publish(es) still running after {limit:?}: left pending in the outbox"
+                    );
+                }
+                return n;
+            }
+            if !said {
+                tracing::info!("waiting for {n} publish(es) in flight before exiting");
+                said = true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Set by the FUSE adapter once the session exists.
     pub fn set_invalidator(&self, f: Invalidator) {
         let _ = self.invalidator.set(f);
@@ -288,13 +356,29 @@ impl Core {
         }
     }
 
-    pub(super) fn open_staged(&self, id: &str, truncate: bool) -> Result<Handle, FsError> {
+    /// Opens staged item `id` (emptied first with `truncate`, which waits for a publish
+    /// in flight: a publish works on frozen bytes).
+    pub(super) async fn open_staged(
+        &self,
+        id: &str,
+        truncate: bool,
+        opener: Option<u32>,
+    ) -> Result<Handle, FsError> {
         let outbox = self.outbox.as_ref().ok_or(FsError::NotFound)?;
         let info = lock(&self.staging)
             .items
             .get(id)
             .cloned()
             .ok_or(FsError::NotFound)?;
+        let _frozen = if truncate {
+            Some(info.freeze.clone().read_owned().await)
+        } else {
+            None
+        };
+        if !lock(&self.staging).items.contains_key(id) {
+            // Published while this open waited: the published entry is immutable.
+            return Err(FsError::NotPermitted("published entries are immutable"));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(self.opts.writable)
@@ -305,12 +389,40 @@ impl Core {
             lock(&self.staging).restart_sequence(id);
             self.clear_incomplete(id);
         }
+        self.staged_handle(id.to_string(), info.key, info.name, file, opener)
+    }
+
+    /// A handle on staged item `id`, holding the item's writer lock when writable.
+    fn staged_handle(
+        &self,
+        id: String,
+        key: String,
+        name: String,
+        file: File,
+        opener: Option<u32>,
+    ) -> Result<Handle, FsError> {
+        let writer = self.writer_lock(&id)?;
         Ok(Handle::Staged(Mutex::new(StagedHandle {
-            id: id.to_string(),
-            key: info.key,
-            name: info.name,
+            id,
+            key,
+            name,
             file,
+            opener,
+            writer,
         })))
+    }
+
+    fn writer_lock(&self, id: &str) -> Result<Option<WriterLock>, FsError> {
+        match &self.outbox {
+            Some(o) if self.opts.writable => match o.writer_lock(id) {
+                Ok(l) => Ok(Some(l)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    Err(FsError::Busy("being published by another process"))
+                }
+                Err(e) => Err(e.into()),
+            },
+            _ => Ok(None),
+        }
     }
 
     /// A write into staged item `id` failed: the staged data is not the file any more.
@@ -355,34 +467,38 @@ impl Core {
         if let Some(i) = lock(&self.staging).items.get_mut(id) {
             i.dirty = true;
             i.written = true;
+            i.failed = false;
         }
     }
 
-    /// A new staged item for `key`/`name`, replacing any staged one of that name.
-    fn stage(&self, key: &str, name: &str) -> Result<(String, File), FsError> {
+    /// The freeze lock of a staged item, if it is staged.
+    fn freeze_of(&self, id: &str) -> Option<Arc<tokio::sync::RwLock<()>>> {
+        lock(&self.staging).items.get(id).map(|i| i.freeze.clone())
+    }
+
+    /// A new staged item for `key`/`name`, replacing any staged one of that name (once
+    /// a publish of that one is over: it works on frozen bytes).
+    async fn stage(&self, key: &str, name: &str) -> Result<(String, File), FsError> {
         let outbox = self.writable_outbox()?;
+        let old = self.staged_id(key, name);
+        let _frozen = match old.as_deref().and_then(|o| self.freeze_of(o)) {
+            Some(f) => Some(f.read_owned().await),
+            None => None,
+        };
         let (item, file) = outbox.create(Outbox::new_meta(
             key,
             name,
             &self.opts.namespace,
             &self.opts.extra_meta,
         ))?;
-        let old = self.staged_id(key, name);
         let mut st = lock(&self.staging);
-        if let Some(old) = old {
+        if let Some(old) = old.filter(|o| st.items.contains_key(o)) {
             st.remove(&old);
             let _ = outbox.remove(&old);
         }
         st.insert(
             item.id.clone(),
-            StagedInfo {
-                key: key.to_string(),
-                name: name.to_string(),
-                last_error: None,
-                dirty: true,
-                written: false,
-                incomplete: None,
-            },
+            StagedInfo::new(key.to_string(), name.to_string()),
         );
         st.restart_sequence(&item.id);
         Ok((item.id, file))
@@ -403,6 +519,7 @@ impl Core {
         self: &Arc<Self>,
         parent: u64,
         name: &str,
+        opener: Option<u32>,
     ) -> Result<(Attr, u64, Arc<Handle>), FsError> {
         let key = self.key_of_dir(parent)?;
         self.writable_outbox()?;
@@ -411,13 +528,8 @@ impl Core {
         }
         // A name shown escaped (`a%2Fb`) is written back under what it stands for.
         let file_name = unescape(name, KEY_RESERVED).unwrap_or_else(|| name.to_string());
-        let (id, file) = self.stage(&key, &file_name)?;
-        let handle = Handle::Staged(Mutex::new(StagedHandle {
-            id: id.clone(),
-            key,
-            name: file_name,
-            file,
-        }));
+        let (id, file) = self.stage(&key, &file_name).await?;
+        let handle = self.staged_handle(id.clone(), key, file_name, file, opener)?;
         let (fh, h) = self.add_handle(handle);
         Ok((self.staged_attr(&id)?, fh, h))
     }
@@ -428,34 +540,25 @@ impl Core {
         self: &Arc<Self>,
         ino: u64,
         truncate: bool,
+        opener: Option<u32>,
     ) -> Result<(u64, Arc<Handle>), FsError> {
         self.writable_outbox()?;
         let handle = match self.node(ino)? {
             Node::Staged(id) => match self.published_node(&id) {
                 Some(Node::Entry { key, name, .. }) if truncate => {
-                    let (id, file) = self.stage(&key, &name)?;
-                    Handle::Staged(Mutex::new(StagedHandle {
-                        id,
-                        key,
-                        name,
-                        file,
-                    }))
+                    let (id, file) = self.stage(&key, &name).await?;
+                    self.staged_handle(id, key, name, file, opener)?
                 }
                 Some(_) => return Err(FsError::NotPermitted("published entries are immutable")),
-                None => self.open_staged(&id, truncate)?,
+                None => self.open_staged(&id, truncate, opener).await?,
             },
             Node::Entry { key, name, .. } => {
                 if !truncate {
                     tracing::info!("key {key}: {name}: published entries cannot be modified (open with O_TRUNC to write a new version)");
                     return Err(FsError::NotPermitted("published entries are immutable"));
                 }
-                let (id, file) = self.stage(&key, &name)?;
-                Handle::Staged(Mutex::new(StagedHandle {
-                    id,
-                    key,
-                    name,
-                    file,
-                }))
+                let (id, file) = self.stage(&key, &name).await?;
+                self.staged_handle(id, key, name, file, opener)?
             }
             Node::Root | Node::ShaDir | Node::Key(_) => return Err(FsError::IsDir),
             _ => return Err(FsError::NotPermitted("read-only file")),
@@ -463,33 +566,118 @@ impl Core {
         Ok(self.add_handle(handle))
     }
 
-    /// `write(fh, offset, data)`.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+    /// `write(fh, offset, data)` when it can be done at once (on the FUSE session
+    /// thread, from the request's buffer); `None` when it must wait (a publish of the
+    /// item is in flight, or the item was published and the handle moves to a new
+    /// version): the caller copies the data and calls [`Core::write`].
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<Result<u32, FsError>> {
+        let handle = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return Some(Err(e)),
+        };
+        let Handle::Staged(m) = &*handle else {
+            return Some(Err(FsError::BadHandle));
+        };
+        let mut h = lock(m);
+        let freeze = self.freeze_of(&h.id)?;
+        let _frozen = freeze.try_read().ok()?;
+        Some(self.write_into(&mut h, offset, data))
+    }
+
+    /// `write(fh, offset, data)`, waiting for a publish in flight (the bytes a publish
+    /// hashes never change under it) and moving to a new version after a publish.
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         let handle = self.handle(fh)?;
         let Handle::Staged(m) = &*handle else {
             return Err(FsError::BadHandle);
         };
-        let mut h = lock(m);
-        if !lock(&self.staging).items.contains_key(&h.id) {
-            // Already published (or dropped): copy into a new staged version first. A
-            // copy cut short (a full disk) must not stay behind as a pending version.
-            let (id, file) = self.stage(&h.key.clone(), &h.name.clone())?;
-            let copied = (|| {
-                let mut src = h.file.try_clone()?;
-                let mut dst = file.try_clone()?;
-                std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
-                std::io::copy(&mut src, &mut dst)
-            })();
-            if let Err(e) = copied {
-                lock(&self.staging).remove(&id);
-                if let Some(outbox) = &self.outbox {
-                    let _ = outbox.remove(&id);
-                }
-                return Err(e.into());
+        // Each round either writes or moves the handle on (a new version can itself be
+        // published meanwhile): bounded all the same.
+        for _ in 0..64 {
+            let id = lock(m).id.clone();
+            let Some(freeze) = self.freeze_of(&id) else {
+                self.move_to_successor(m).await?;
+                continue;
+            };
+            let _frozen = freeze.read_owned().await;
+            let mut h = lock(m);
+            if h.id != id || !lock(&self.staging).items.contains_key(&id) {
+                continue;
             }
+            return self.write_into(&mut h, offset, data);
+        }
+        Err(FsError::Busy("the file keeps being published"))
+    }
+
+    /// The handle's item was published (or dropped): its later writes go to the item's
+    /// successor, a new version made once (a copy of the published bytes) and shared by
+    /// every handle that goes on writing. The copy runs off the runtime's threads.
+    async fn move_to_successor(&self, m: &Mutex<StagedHandle>) -> Result<(), FsError> {
+        let (old, key, name, src) = {
+            let h = lock(m);
+            (
+                h.id.clone(),
+                h.key.clone(),
+                h.name.clone(),
+                h.file.try_clone()?,
+            )
+        };
+        let outbox = self.writable_outbox()?;
+        let _one = self.successor_locks.lock(&old).await;
+        let existing = {
+            let st = lock(&self.staging);
+            st.successor
+                .get(&old)
+                .filter(|s| st.items.contains_key(*s))
+                .cloned()
+        };
+        let (id, file) = match existing {
+            Some(id) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(outbox.data_path(&id))?;
+                (id, file)
+            }
+            None => {
+                let (id, file) = self.stage(&key, &name).await?;
+                let dst = file.try_clone()?;
+                let copied = tokio::task::spawn_blocking(move || {
+                    let (mut src, mut dst) = (src, dst);
+                    std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
+                    std::io::copy(&mut src, &mut dst)
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+                if let Err(e) = copied {
+                    // A copy cut short (a full disk) must not stay as a pending version.
+                    lock(&self.staging).remove(&id);
+                    let _ = outbox.remove(&id);
+                    return Err(e.into());
+                }
+                let mut st = lock(&self.staging);
+                // Not written in order from its start: hashed when published.
+                st.forget_sequence(&id);
+                st.successor.insert(old.clone(), id.clone());
+                drop(st);
+                self.mark_dirty(&id);
+                (id, file)
+            }
+        };
+        let writer = self.writer_lock(&id)?;
+        let mut h = lock(m);
+        if h.id == old {
             h.id = id;
             h.file = file;
+            h.writer = writer;
         }
+        Ok(())
+    }
+
+    /// Writes into the handle's item, which the caller checked is staged and not being
+    /// published (it holds the item's freeze lock shared).
+    fn write_into(&self, h: &mut StagedHandle, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         if let Err(e) = h.file.write_all_at(data, offset) {
             let e = FsError::from(e);
             self.mark_incomplete(&h.id, &h.key, &h.name, offset, &e);
@@ -643,6 +831,11 @@ impl Core {
             }
             Node::Staged(id) => {
                 let outbox = self.writable_outbox()?;
+                let freeze = self.freeze_of(&id).ok_or(FsError::NotFound)?;
+                let _frozen = freeze.read_owned().await;
+                if self.published_as(&id).is_some() {
+                    return Err(FsError::NotPermitted("published entries are immutable"));
+                }
                 OpenOptions::new()
                     .write(true)
                     .open(outbox.data_path(&id))?
@@ -670,17 +863,32 @@ impl Core {
         }
     }
 
-    /// `flush(fh)` (every `close()`): publishes new data of a staged file.
-    pub async fn flush(self: &Arc<Self>, fh: u64) -> Result<(), FsError> {
+    /// `flush(fh)` (every `close()`): publishes new data of a staged file when the
+    /// flush comes from the process that opened it (`flusher`, its thread group id). A
+    /// child that inherited the descriptor closes it too (close-on-exec after `fork`):
+    /// its flush publishes nothing, or a half-written file would go out. When either
+    /// side is unknown, the flush publishes.
+    pub async fn flush(self: &Arc<Self>, fh: u64, flusher: Option<u32>) -> Result<(), FsError> {
         let handle = self.handle(fh)?;
         let Handle::Staged(m) = &*handle else {
             return Ok(());
         };
         // No fsync: staged data survives the daemon's death in the page cache, and an
         // fsync of a large file would cost more than the upload itself.
-        let id = lock(m).id.clone();
+        let (id, opener) = {
+            let h = lock(m);
+            (h.id.clone(), h.opener)
+        };
+        if let (Some(o), Some(f)) = (opener, flusher) {
+            if o != f {
+                tracing::debug!("outbox item {id}: flush from process {f}, opened by {o}: not published (the opener's close or the last release publishes)");
+                return Ok(());
+            }
+        }
         let (dirty, written, name, incomplete) = match lock(&self.staging).items.get(&id) {
             Some(i) => (i.dirty, i.written, i.name.clone(), i.incomplete.clone()),
+            // Published (by this handle's earlier close, or by another's that covered
+            // this handle's writes).
             None => return Ok(()),
         };
         // A file a write into which failed: every close says so again.
@@ -696,8 +904,11 @@ impl Core {
         self.publish_staged(&id).await
     }
 
-    /// `release(fh)`: the last descriptor of an open file is gone. A file created and
-    /// closed without data (`touch`, `cp` of an empty file) is published here.
+    /// `release(fh)`: the last descriptor of an open file is gone. What is left to
+    /// publish is published here, when no other handle has the item open: a file
+    /// created and closed without data (`touch`, `cp` of an empty file), and what
+    /// children wrote after the opener closed. No `close()` can report a failure here:
+    /// it goes to the log, and the file stays pending in the outbox.
     pub async fn release_handle(self: &Arc<Self>, fh: u64) {
         let handle = lock(&self.handles).remove(&fh);
         let Some(handle) = handle else {
@@ -708,22 +919,39 @@ impl Core {
         };
         let id = lock(m).id.clone();
         let pending = match lock(&self.staging).items.get(&id) {
-            Some(i) => i.dirty && !i.written && !i.name.starts_with('.'),
+            Some(i) => i.dirty && !i.failed && i.incomplete.is_none() && !i.name.starts_with('.'),
             None => false,
         };
-        if pending {
+        if pending && !self.is_open(&id) {
             let _ = self.publish_staged(&id).await;
         }
+        // The writer lock goes with the handle (after the publish: no `outbox retry`
+        // takes the item meanwhile).
+        drop(handle);
+    }
+
+    /// Whether a handle has staged item `id` open.
+    fn is_open(&self, id: &str) -> bool {
+        lock(&self.handles).values().any(|h| match &**h {
+            Handle::Staged(m) => lock(m).id == id,
+            _ => false,
+        })
     }
 
     /// Publishes a staged item; on success its bytes move into the cache.
     async fn publish_staged(self: &Arc<Self>, id: &str) -> Result<(), FsError> {
         let outbox = self.writable_outbox()?.clone();
-        let info = lock(&self.staging)
-            .items
-            .get(id)
-            .cloned()
-            .ok_or(FsError::NotFound)?;
+        let Some(info) = lock(&self.staging).items.get(id).cloned() else {
+            return Ok(());
+        };
+        // One publish at a time; then nothing changes the bytes until it is over.
+        let _one = info.publishing.clone().lock_owned().await;
+        let frozen = info.freeze.clone().write_owned().await;
+        // Whoever published before us may have covered everything.
+        let info = match lock(&self.staging).items.get(id) {
+            Some(i) if i.dirty => i.clone(),
+            _ => return Ok(()),
+        };
         if let Some((why, errno)) = &info.incomplete {
             tracing::error!(
                 "key {}: {}: not published: {why} (the staged file is kept at {}; write it again, or `shacachefs outbox drop {id}`)",
@@ -795,6 +1023,8 @@ impl Core {
                 }
                 let _ = outbox.remove(id);
                 lock(&self.staging).remove(id);
+                // Writers waiting on the freeze now move to a new version.
+                drop(frozen);
                 // Show the new entry at once: ask shadir now, then make the kernel forget
                 // what it cached under that name.
                 if let Err(e) = self.refresh(&p.key).await {
@@ -825,25 +1055,21 @@ impl Core {
                 );
                 if let Some(i) = lock(&self.staging).items.get_mut(id) {
                     i.last_error = Some(msg);
+                    i.failed = true;
                 }
                 Err(publish_errno(e))
             }
         }
     }
 
-    /// Tells the kernel, from another task (never inside the request that caused it:
-    /// the kernel may hold the directory's lock until we answer), to forget a name.
+    /// Tells the kernel to forget a name (queued: never inside the request that caused
+    /// it, since the kernel may hold the directory's lock until we answer).
     fn invalidate(self: &Arc<Self>, key: &str, name: &str) {
-        let core = self.clone();
         let parent = self.ino(&Node::Key(key.to_string()));
-        let escaped = crate::naming::escape(name, KEY_RESERVED);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Some(f) = core.invalidator.get() {
-                    f(parent, &escaped);
-                }
-            });
-        }
+        self.notify(super::Notice::Entry {
+            parent,
+            name: crate::naming::escape(name, KEY_RESERVED),
+        });
     }
 
     /// `unlink`: drops a pending file; published entries cannot be removed.
@@ -851,6 +1077,13 @@ impl Core {
         let key = self.key_of_dir(parent)?;
         if let Some(id) = self.staged_id(&key, name) {
             let outbox = self.outbox.as_ref().ok_or(FsError::ReadOnly)?;
+            // Not under a publish in flight: it ends first (then the name is published).
+            if let Some(f) = self.freeze_of(&id) {
+                let _frozen = f.read_owned().await;
+            }
+            if !lock(&self.staging).items.contains_key(&id) {
+                return Err(FsError::NotPermitted("published entries cannot be removed"));
+            }
             lock(&self.staging).remove(&id);
             outbox.remove(&id)?;
             tracing::info!("key {key}: {name}: pending upload dropped");
@@ -892,6 +1125,20 @@ impl Core {
             return Err(FsError::NotPermitted("reserved name"));
         }
         let file_name = unescape(newname, KEY_RESERVED).unwrap_or_else(|| newname.to_string());
+        // Neither the renamed file nor one it replaces changes under a publish.
+        let freeze = self.freeze_of(&id).ok_or(FsError::NotFound)?;
+        let frozen = freeze.read_owned().await;
+        let over = self
+            .staged_id(&key, &file_name)
+            .filter(|o| *o != id)
+            .and_then(|o| self.freeze_of(&o));
+        let frozen_over = match over {
+            Some(f) => Some(f.read_owned().await),
+            None => None,
+        };
+        if !lock(&self.staging).items.contains_key(&id) {
+            return Err(FsError::NotPermitted("published entries cannot be renamed"));
+        }
         {
             let mut st = lock(&self.staging);
             if let Some(old) = st.by_name.get(&(key.clone(), file_name.clone())).cloned() {
@@ -907,6 +1154,7 @@ impl Core {
         item.meta.entry = None;
         item.meta.sha512 = None;
         outbox.save(&item)?;
+        drop((frozen, frozen_over));
         if file_name.starts_with('.') {
             return Ok(());
         }

@@ -8,7 +8,7 @@
 //! of a read handle, `write` into a staged file) are answered on the session thread:
 //! a task's round trip would cost more than the work.
 
-use crate::fs::{Attr, Core, FsError, Handle as OpenHandle, Kind};
+use crate::fs::{Attr, Core, FsError, Handle as OpenHandle, Invalidator, Kind, Notice};
 use fuser::BackingId;
 use fuser::{
     consts, FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyCreate,
@@ -44,12 +44,68 @@ pub struct FuseFs {
     /// EIO), shared by that inode's open handles and released with the last of them
     /// (dropping one early makes the kernel fail reads with EIO).
     backing: Arc<Mutex<Backing>>,
+    /// What the kernel was shown of each file inode: see [`Shown`].
+    shown: Arc<Mutex<Shown>>,
+}
+
+/// Which file an inode was last served from (`served`: device, inode number and birth
+/// time of the cache file, so a blob the cache replaced or fetched again is noticed at
+/// the next open), and the size last given to the kernel in attributes (`sizes`).
+#[derive(Default)]
+struct Shown {
+    served: HashMap<u64, FileId>,
+    sizes: HashMap<u64, u64>,
+}
+
+/// A cache file's identity.
+type FileId = (u64, u64, Option<std::time::SystemTime>);
+
+fn file_id(file: &std::fs::File) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let md = file.metadata().ok()?;
+    Some((md.dev(), md.ino(), md.created().ok()))
+}
+
+/// How a blob open must be answered, given what the kernel holds of its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    /// Same file as before, size as the kernel knows it.
+    Same,
+    /// Another cache file than the last open of this inode (replaced, repaired): the
+    /// kernel's cached pages of the inode must go.
+    NewFile,
+    /// The kernel was given another size (a probe's hint) than the verified blob has:
+    /// its `i_size` would cut or pad reads.
+    WrongSize,
+}
+
+impl Shown {
+    /// Records an attribute reply's size for a regular file.
+    fn told(&mut self, a: &FileAttr) {
+        if a.kind == FileType::RegularFile {
+            self.sizes.insert(a.ino, a.size);
+        }
+    }
+
+    fn check(&mut self, ino: u64, id: Option<FileId>, size: u64) -> Freshness {
+        let prev = match id {
+            Some(id) => self.served.insert(ino, id),
+            None => None,
+        };
+        if self.sizes.get(&ino).is_some_and(|told| *told != size) {
+            Freshness::WrongSize
+        } else if prev.is_some() && prev != id {
+            Freshness::NewFile
+        } else {
+            Freshness::Same
+        }
+    }
 }
 
 /// Passthrough backing ids by inode, with the handles using each.
 #[derive(Default)]
 struct Backing {
-    by_ino: HashMap<u64, (BackingId, usize)>,
+    by_ino: HashMap<u64, (BackingId, usize, Option<FileId>)>,
     ino_of_fh: HashMap<u64, u64>,
 }
 
@@ -58,7 +114,7 @@ impl Backing {
         let Some(ino) = self.ino_of_fh.remove(&fh) else {
             return;
         };
-        if let Some((_, users)) = self.by_ino.get_mut(&ino) {
+        if let Some((_, users, _)) = self.by_ino.get_mut(&ino) {
             *users -= 1;
             if *users == 0 {
                 self.by_ino.remove(&ino);
@@ -83,8 +139,49 @@ impl FuseFs {
             passthrough: Arc::new(AtomicBool::new(false)),
             want_passthrough,
             backing: Arc::new(Mutex::new(Backing::default())),
+            shown: Arc::new(Mutex::new(Shown::default())),
         }
     }
+
+    /// Records the size an attribute reply gives the kernel.
+    fn told(&self, a: &FileAttr) {
+        told(&self.shown, a);
+    }
+}
+
+fn told(shown: &Mutex<Shown>, a: &FileAttr) {
+    shown.lock().unwrap_or_else(|p| p.into_inner()).told(a);
+}
+
+/// An [`Invalidator`] that hands notices to a thread of its own, which sends them to
+/// the kernel: a notice may wait for a lock that a request in flight holds (the
+/// directory's, for a name), so it is never sent from a request's task or the session
+/// thread. The thread ends when the core (and so the sender) is dropped.
+pub fn notice_thread(notifier: fuser::Notifier) -> Invalidator {
+    let (tx, rx) = std::sync::mpsc::channel::<Notice>();
+    let spawned = std::thread::Builder::new()
+        .name("fuse-notices".into())
+        .spawn(move || {
+            for n in rx {
+                let r = match &n {
+                    Notice::Entry { parent, name } => {
+                        notifier.inval_entry(*parent, OsStr::new(name))
+                    }
+                    Notice::Inode(ino) => notifier.inval_inode(*ino, 0, 0),
+                };
+                if let Err(e) = r {
+                    // ENOENT: the kernel had already forgotten it.
+                    tracing::debug!("notice {n:?}: {e}");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the kernel notice thread: {e}");
+    }
+    let tx = Mutex::new(tx);
+    Box::new(move |n| {
+        let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(n);
+    })
 }
 
 impl FuseFs {
@@ -102,6 +199,7 @@ impl FuseFs {
             &self.core,
             &self.passthrough,
             &self.backing,
+            &self.shown,
             ino,
             fh,
             handle,
@@ -111,11 +209,19 @@ impl FuseFs {
 }
 
 /// Answers a read-only open: passthrough to the blob file when the kernel allows it
-/// (one backing id per inode, shared by its handles), else served by `read`.
+/// (one backing id per inode, shared by its handles), else served by `read`. Never
+/// with a length or content other than the verified blob's: a size the kernel was
+/// given that the blob does not have is corrected (attributes invalidated, this open
+/// in direct I/O so its reads are not cut or padded at the old size), and an inode
+/// whose cache file changed since its last open loses its cached pages (or, when older
+/// opens still hold the old file as passthrough backing, is retired: `ESTALE` makes
+/// the kernel look the name up again and open the new inode).
+#[allow(clippy::too_many_arguments)]
 fn reply_open(
     core: &Core,
     passthrough: &AtomicBool,
     backing: &Mutex<Backing>,
+    shown: &Mutex<Shown>,
     ino: u64,
     fh: u64,
     handle: &OpenHandle,
@@ -124,27 +230,47 @@ fn reply_open(
     if handle.direct_io() {
         return reply.opened(fh, consts::FOPEN_DIRECT_IO);
     }
+    let (Some(file), Some(size)) = (handle.backing_file(), handle.blob_size()) else {
+        return reply.opened(fh, consts::FOPEN_DIRECT_IO);
+    };
+    let id = file_id(file);
+    let fresh = shown
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .check(ino, id, size);
     // The size of an inode's blob never changes, so an inode is always served the
     // same way (the kernel refuses to mix passthrough and cached opens of one inode).
-    let small = handle.blob_size().is_some_and(|n| n <= SMALL_BLOB);
-    if !small && handle.backing_file().is_some() {
+    let small = size <= SMALL_BLOB;
+    let mut b = backing.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((backing_id, users, served)) = b.by_ino.get_mut(&ino) {
+        if id != *served {
+            // Older opens hold the old file as this inode's backing, and the kernel
+            // takes no other one while they last: this inode is done with.
+            drop(b);
+            tracing::info!("inode {ino}: its blob was replaced in the cache while open; the name gets a new inode");
+            core.retire_ino(ino);
+            core.release(fh);
+            return reply.error(libc::ESTALE);
+        }
         // An inode already served with passthrough stays so, even if passthrough was
         // turned off since (the kernel fails a cached open of it with EIO).
-        let mut b = backing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((id, users)) = b.by_ino.get_mut(&ino) {
-            *users += 1;
-            reply.opened_passthrough(fh, FOPEN_NOFLUSH, id);
-            b.ino_of_fh.insert(fh, ino);
-            return;
-        }
+        *users += 1;
+        reply.opened_passthrough(fh, FOPEN_NOFLUSH, backing_id);
+        b.ino_of_fh.insert(fh, ino);
+        return;
+    }
+    if fresh == Freshness::WrongSize {
+        drop(b);
+        tracing::info!("inode {ino}: the kernel was given another size than the verified blob's {size} bytes: corrected");
+        core.notify(Notice::Inode(ino));
+        return reply.opened(fh, consts::FOPEN_DIRECT_IO);
     }
     if passthrough.load(Ordering::Relaxed) && !small {
-        if let Some(file) = handle.backing_file() {
-            let mut b = backing.lock().unwrap_or_else(|p| p.into_inner());
+        {
             match reply.open_backing(file) {
-                Ok(id) => {
-                    reply.opened_passthrough(fh, FOPEN_NOFLUSH, &id);
-                    b.by_ino.insert(ino, (id, 1));
+                Ok(backing_id) => {
+                    reply.opened_passthrough(fh, FOPEN_NOFLUSH, &backing_id);
+                    b.by_ino.insert(ino, (backing_id, 1, id));
                     b.ino_of_fh.insert(fh, ino);
                     return;
                 }
@@ -158,7 +284,45 @@ fn reply_open(
             }
         }
     }
-    reply.opened(fh, READ_FLAGS);
+    drop(b);
+    // A file the cache replaced since: the kernel drops the pages it kept of it at an
+    // open without FOPEN_KEEP_CACHE.
+    let flags = if fresh == Freshness::NewFile {
+        FOPEN_NOFLUSH
+    } else {
+        READ_FLAGS
+    };
+    reply.opened(fh, flags);
+}
+
+/// The thread group (process) of the thread that sent a request. The kernel gives the
+/// calling thread's id (0 from outside the daemon's pid namespace); `/proc` tells its
+/// process, while that thread is alive (it is, inside its system call). `None` when it
+/// cannot be known: the caller then does what it would do without that knowledge.
+fn tgid_of(pid: u32) -> Option<u32> {
+    if pid == 0 {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// [`tgid_of`] for a request, logged once per mount when it cannot be known.
+fn caller_process(req: &Request<'_>) -> Option<u32> {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    let tgid = tgid_of(req.pid());
+    if tgid.is_none() {
+        LOGGED.call_once(|| {
+            tracing::warn!(
+                "the process behind request pid {} is unknown (another pid namespace?): files are published at every close after a write, children's included",
+                req.pid()
+            );
+        });
+    }
+    tgid
 }
 
 fn file_type(k: Kind) -> FileType {
@@ -231,9 +395,14 @@ impl Filesystem for FuseFs {
         let Some(name) = name.to_str().map(str::to_string) else {
             return reply.error(libc::ENOENT);
         };
+        let shown = self.shown.clone();
         self.rt.spawn(async move {
             match core.lookup(parent, &name).await {
-                Ok(a) => reply.entry(&core.ttl(), &to_fuse(&a), 0),
+                Ok(a) => {
+                    let fa = to_fuse(&a);
+                    told(&shown, &fa);
+                    reply.entry(&core.ttl(), &fa, 0)
+                }
                 Err(e) => reply.error(log_err("lookup", &e)),
             }
         });
@@ -245,14 +414,23 @@ impl Filesystem for FuseFs {
         // the attributes of each file it opens again.)
         if let Some(r) = self.core.getattr_now(ino) {
             return match r {
-                Ok(a) => reply.attr(&self.core.ttl(), &to_fuse(&a)),
+                Ok(a) => {
+                    let fa = to_fuse(&a);
+                    self.told(&fa);
+                    reply.attr(&self.core.ttl(), &fa)
+                }
                 Err(e) => reply.error(log_err("getattr", &e)),
             };
         }
         let core = self.core.clone();
+        let shown = self.shown.clone();
         self.rt.spawn(async move {
             match core.getattr(ino).await {
-                Ok(a) => reply.attr(&core.ttl(), &to_fuse(&a)),
+                Ok(a) => {
+                    let fa = to_fuse(&a);
+                    told(&shown, &fa);
+                    reply.attr(&core.ttl(), &fa)
+                }
                 Err(e) => reply.error(log_err("getattr", &e)),
             }
         });
@@ -278,6 +456,7 @@ impl Filesystem for FuseFs {
         reply: ReplyAttr,
     ) {
         let core = self.core.clone();
+        let shown = self.shown.clone();
         self.rt.spawn(async move {
             // Mode, owner and time changes are accepted and ignored.
             let result = match size {
@@ -285,7 +464,11 @@ impl Filesystem for FuseFs {
                 None => core.getattr(ino).await,
             };
             match result {
-                Ok(a) => reply.attr(&core.ttl(), &to_fuse(&a)),
+                Ok(a) => {
+                    let fa = to_fuse(&a);
+                    told(&shown, &fa);
+                    reply.attr(&core.ttl(), &fa)
+                }
                 Err(e) => reply.error(log_err("setattr", &e)),
             }
         });
@@ -322,9 +505,10 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+    fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let core = self.core.clone();
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            let opener = caller_process(req);
             let truncate = flags & libc::O_TRUNC != 0;
             // The kernel refuses a non-passthrough open of an inode open with
             // passthrough (and would then release the handle just made, which would
@@ -334,7 +518,7 @@ impl Filesystem for FuseFs {
                 return reply.error(libc::ETXTBSY);
             }
             self.rt.spawn(async move {
-                match core.open_write(ino, truncate).await {
+                match core.open_write(ino, truncate, opener).await {
                     Ok((fh, _)) => reply.opened(fh, consts::FOPEN_DIRECT_IO),
                     Err(e) => reply.error(log_err("open", &e)),
                 }
@@ -347,12 +531,22 @@ impl Filesystem for FuseFs {
         }
         let passthrough = self.passthrough.clone();
         let backing = self.backing.clone();
+        let shown = self.shown.clone();
         self.rt.spawn(async move {
             let (fh, handle) = match core.open(ino).await {
                 Ok(v) => v,
                 Err(e) => return reply.error(log_err("open", &e)),
             };
-            reply_open(&core, &passthrough, &backing, ino, fh, &handle, reply);
+            reply_open(
+                &core,
+                &passthrough,
+                &backing,
+                &shown,
+                ino,
+                fh,
+                &handle,
+                reply,
+            );
         });
     }
 
@@ -395,26 +589,35 @@ impl Filesystem for FuseFs {
             return reply.ok();
         }
         let core = self.core.clone();
+        let busy = core.busy();
         self.rt.spawn(async move {
             core.release_handle(fh).await;
             reply.ok();
+            drop(busy);
         });
     }
 
     fn flush(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         _ino: u64,
         fh: u64,
         _lock_owner: u64,
         reply: ReplyEmpty,
     ) {
         let core = self.core.clone();
+        let flusher = if core.is_staged_handle(fh) {
+            caller_process(req)
+        } else {
+            None
+        };
+        let busy = core.busy();
         self.rt.spawn(async move {
-            match core.flush(fh).await {
+            match core.flush(fh, flusher).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(log_err("flush", &e)),
             }
+            drop(busy);
         });
     }
 
@@ -432,7 +635,7 @@ impl Filesystem for FuseFs {
 
     fn create(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         parent: u64,
         name: &OsStr,
         _mode: u32,
@@ -444,10 +647,14 @@ impl Filesystem for FuseFs {
         let Some(name) = name.to_str().map(str::to_string) else {
             return reply.error(libc::EINVAL);
         };
+        let opener = caller_process(req);
+        let shown = self.shown.clone();
         self.rt.spawn(async move {
-            match core.create(parent, &name).await {
+            match core.create(parent, &name, opener).await {
                 Ok((a, fh, _)) => {
-                    reply.created(&core.ttl(), &to_fuse(&a), 0, fh, consts::FOPEN_DIRECT_IO)
+                    let fa = to_fuse(&a);
+                    told(&shown, &fa);
+                    reply.created(&core.ttl(), &fa, 0, fh, consts::FOPEN_DIRECT_IO)
                 }
                 Err(e) => reply.error(log_err("create", &e)),
             }
@@ -467,11 +674,26 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        // The data is in the session's buffer: write it before returning.
-        match self.core.write(fh, offset.max(0) as u64, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(log_err("write", &e)),
+        // The data is in the session's buffer: written at once when nothing is in the
+        // way; a write that must wait (a publish of the file in flight) is copied out
+        // and answered from a task. The kernel sends a file's next write only after
+        // this one is answered (it holds the inode's lock over a direct-I/O write), so
+        // the order stays.
+        let offset = offset.max(0) as u64;
+        if let Some(r) = self.core.write_now(fh, offset, data) {
+            return match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(log_err("write", &e)),
+            };
         }
+        let core = self.core.clone();
+        let data = data.to_vec();
+        self.rt.spawn(async move {
+            match core.write(fh, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(log_err("write", &e)),
+            }
+        });
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {

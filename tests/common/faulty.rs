@@ -72,6 +72,11 @@ pub enum Fault {
     /// Request body: this many bytes are read (all of it when larger), then the server
     /// neither reads nor answers for `hold`, then closes.
     HoldRequest { read: usize, hold: Duration },
+    /// The request is read whole, then answered normally after this long (a slow
+    /// server: a PUT in flight while the test does something else).
+    Delay(Duration),
+    /// HEAD: `Content-Length` says this many bytes, whatever the blob's length.
+    HeadLength(u64),
     /// shadir GET: this body (with `Content-Length`) instead of the stored list.
     DirBody(Vec<u8>),
     /// shadir GET: a generated body of `len` bytes, streamed (never held in memory);
@@ -604,6 +609,9 @@ async fn serve(sock: TcpStream, state: Arc<State>) {
             log(&state, &head, 0, &fault);
             return;
         };
+        if let Some(Fault::Delay(d)) = &fault {
+            tokio::time::sleep(*d).await;
+        }
         let keep = respond(&mut w, &head, body, fault, &state).await;
         if !keep
             || head
@@ -667,6 +675,9 @@ async fn respond(
                 "Content-Length: {}\r\n",
                 true_len.saturating_sub(*n)
             ));
+        }
+        Some(Fault::HeadLength(n)) if is_head => {
+            text.push_str(&format!("Content-Length: {n}\r\n"));
         }
         _ => text.push_str(&format!("Content-Length: {true_len}\r\n")),
     }
