@@ -252,6 +252,39 @@ mod tests {
         assert!(c.client_auth_cert_resolver.has_certs());
     }
 
+    /// A v1 certificate with a key ring signs with (RSA-2048): the certificate alone was
+    /// refused before ("UnsupportedCertVersion").
+    #[test]
+    fn a_v1_certificate_with_an_rsa_2048_key_loads() {
+        let files = TlsFiles {
+            cert_file: Some(tls_fixture("v1-rsa2048.crt")),
+            key_file: Some(tls_fixture("v1-rsa2048.key")),
+            ..TlsFiles::default()
+        };
+        let c = client_config("shadir", &files, false).unwrap();
+        assert!(c.client_auth_cert_resolver.has_certs());
+    }
+
+    #[test]
+    fn a_refused_client_certificate_is_explained() {
+        use rustls::AlertDescription as A;
+        let wrapped = |a: A| std::io::Error::other(rustls::Error::AlertReceived(a));
+        for a in [
+            A::BadCertificate,
+            A::UnsupportedCertificate,
+            A::DecryptError,
+            A::UnknownCA,
+        ] {
+            let hint = refusal_hint(&wrapped(a)).unwrap_or_else(|| panic!("{a:?}"));
+            assert!(hint.contains("X.509 v3"), "{hint}");
+        }
+        let hint = refusal_hint(&rustls::Error::AlertReceived(A::CertificateRequired)).unwrap();
+        assert!(hint.contains("shacache-cert-file"), "{hint}");
+        // Not about our certificate: nothing added.
+        assert!(refusal_hint(&wrapped(A::HandshakeFailure)).is_none());
+        assert!(refusal_hint(&std::io::Error::other("connection reset")).is_none());
+    }
+
     #[test]
     fn a_key_that_is_not_the_certificates_is_refused() {
         let fixtures =
