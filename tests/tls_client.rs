@@ -242,7 +242,10 @@ struct OpensslFront {
 }
 
 impl OpensslFront {
-    fn start(pki: &Pki, max_tls12: bool) -> OpensslFront {
+    /// `client_sigalgs`: the only signatures the front asks client certificates for
+    /// (OpenSSL's `ClientSignatureAlgorithms`, through an `OPENSSL_CONF` file, as Python's
+    /// `ssl` has no call for it), e.g. `RSA+SHA256` for PKCS#1 v1.5 only.
+    fn start(pki: &Pki, max_tls12: bool, client_sigalgs: Option<&str>) -> OpensslFront {
         let with_cert = TestServer::start();
         let store = with_cert.store();
         let without_cert = TestServer::start_with(|o| {
@@ -274,6 +277,19 @@ impl OpensslFront {
             .arg("300");
         if max_tls12 {
             cmd.arg("--max-tls12");
+        }
+        if let Some(algs) = client_sigalgs {
+            let conf = dir.path().join("openssl.cnf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "openssl_conf = default_conf\n[default_conf]\nssl_conf = ssl_sect\n\
+                     [ssl_sect]\nsystem_default = system_default_sect\n\
+                     [system_default_sect]\nClientSignatureAlgorithms = {algs}\n"
+                ),
+            )
+            .unwrap();
+            cmd.env("OPENSSL_CONF", conf);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -530,7 +546,7 @@ fn mount_round_trip(front: &OpensslFront, creds_der: &str, cfg: &Path, work: &Pa
 #[test]
 fn legacy_v1_rsa1024_credentials_upload_download_and_mount() {
     let pki = Pki::make();
-    let front = OpensslFront::start(&pki, false);
+    let front = OpensslFront::start(&pki, false, None);
     let work = tempdir();
     let cfg = upload_and_download(&pki, &front, Creds::LegacyV1Rsa1024, work.path());
     mount_round_trip(
@@ -549,7 +565,7 @@ fn legacy_v1_rsa1024_credentials_upload_download_and_mount() {
 #[test]
 fn modern_v3_rsa2048_credentials_upload_download_and_mount() {
     let pki = Pki::make();
-    let front = OpensslFront::start(&pki, false);
+    let front = OpensslFront::start(&pki, false, None);
     let work = tempdir();
     let cfg = upload_and_download(&pki, &front, Creds::ModernV3Rsa2048, work.path());
     mount_round_trip(
@@ -565,11 +581,43 @@ fn modern_v3_rsa2048_credentials_upload_download_and_mount() {
 #[test]
 fn legacy_credentials_over_tls12() {
     let pki = Pki::make();
-    let front = OpensslFront::start(&pki, true);
+    let front = OpensslFront::start(&pki, true, None);
     let work = tempdir();
     upload_and_download(&pki, &front, Creds::LegacyV1Rsa1024, work.path());
     let conns = front.connections();
     assert!(conns.iter().all(|(v, _)| v == "TLSv1.2"), "{conns:?}");
+}
+
+/// A server that takes only PKCS#1 v1.5 / SHA-256 client signatures (TLS 1.2) gets one
+/// from the RSA-1024 key. The control: a server that takes only ECDSA gets no certificate
+/// from an RSA key (the upload is refused there) and the client says why in its log.
+#[test]
+fn legacy_key_signs_pkcs1_when_that_is_all_the_server_takes() {
+    let pki = Pki::make();
+    let work = tempdir();
+    let pkcs1_only = OpensslFront::start(&pki, true, Some("RSA+SHA256"));
+    upload_and_download(&pki, &pkcs1_only, Creds::LegacyV1Rsa1024, work.path());
+
+    let ecdsa_only = OpensslFront::start(&pki, true, Some("ECDSA+SHA256"));
+    let cfg = pki
+        .config(&ecdsa_only.base(), Some(Creds::LegacyV1Rsa1024))
+        .write(work.path(), "ecdsa-only.cfg");
+    let src = work.path().join("c.bin");
+    std::fs::write(&src, b"an RSA key cannot sign for an ECDSA-only server").unwrap();
+    let refused = upload(&cfg, &src, "tls-key", "c.bin");
+    refused.assert_failure();
+    assert!(
+        refused
+            .stderr_text()
+            .contains("accepts no signature this key can make"),
+        "{}",
+        refused.describe()
+    );
+    let conns = ecdsa_only.connections();
+    assert!(
+        !conns.is_empty() && conns.iter().all(|(_, c)| c.is_none()),
+        "{conns:?}"
+    );
 }
 
 /// `serve --client-ca` checks client certificates with rustls/WebPKI: v3 certificates with
