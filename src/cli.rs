@@ -104,7 +104,9 @@ pub struct ServeArgs {
     /// Key of --tls-cert (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Require a client certificate signed by this CA for uploads.
+    /// Require a client certificate signed by this CA for uploads. Checked with
+    /// rustls/WebPKI: X.509 v3 certificates with ECDSA, Ed25519 or RSA-2048+ keys only
+    /// (v1 certificates and RSA-1024 keys, which OpenSSL servers accept, are refused).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
 }

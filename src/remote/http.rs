@@ -234,7 +234,11 @@ where
 /// A reqwest failure as a `RemoteError` naming `url` (already free of credentials).
 pub(crate) fn net_error(url: &str, e: reqwest::Error) -> RemoteError {
     let timeout = e.is_timeout();
-    let message = error_chain(&e.without_url());
+    let e = e.without_url();
+    let mut message = error_chain(&e);
+    if let Some(hint) = super::tls::refusal_hint(&e) {
+        message = format!("{message} ({hint})");
+    }
     if timeout {
         RemoteError::Timeout {
             url: url.to_string(),

@@ -3,7 +3,8 @@
 //! connect and low-speed timeouts, and errors that name the URL (never its password).
 //!
 //! Files: `http.rs` (credentials, redaction, status rules, retries), `tls.rs` (rustls
-//! set-up), `proxy.rs` (proxies from the environment), `dir.rs` (shadir GET/PUT),
+//! set-up), `identity.rs` (our client certificate and key as configured: X.509 v1, RSA
+//! keys of any size), `proxy.rs` (proxies from the environment), `dir.rs` (shadir GET/PUT),
 //! `probe.rs` (HEAD and its ranged-GET fallback), `fetch.rs` (resumable download),
 //! `upload.rs` (streamed POST).
 //!
@@ -27,6 +28,7 @@
 mod dir;
 mod fetch;
 mod http;
+mod identity;
 mod probe;
 mod proxy;
 mod tls;

@@ -5,7 +5,7 @@
 //! The crypto provider is always ring, passed explicitly: nothing depends on a
 //! process-wide default provider being installed.
 
-use super::RemoteError;
+use super::{identity, RemoteError};
 use crate::config::TlsFiles;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
@@ -22,7 +22,7 @@ pub(crate) fn client_config(
     needs_roots: bool,
 ) -> Result<ClientConfig, RemoteError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| RemoteError::Tls(format!("{service}: {e}")))?;
 
@@ -37,13 +37,21 @@ pub(crate) fn client_config(
         (Some(cert), Some(key)) => {
             let chain = read_certs(service, cert)?;
             let key = read_key(service, key)?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| {
-                RemoteError::Tls(format!(
-                    "{service}: client certificate {} with key {}: {e}",
-                    cert.display(),
-                    key_path_display(&files.key_file)
-                ))
-            })?
+            // Not `with_client_auth_cert`: it validates our own certificate with WebPKI
+            // (refusing X.509 v1) and loads the key with ring only (refusing RSA under
+            // 2048 bits). See `identity`.
+            let (certified, described) =
+                identity::certified_key(chain, key, &provider).map_err(|e| {
+                    RemoteError::Tls(format!(
+                        "{service}: client certificate {} with key {}: {e}",
+                        cert.display(),
+                        key_path_display(&files.key_file)
+                    ))
+                })?;
+            tracing::debug!(%service, certificate = %described, "client certificate loaded");
+            builder.with_client_cert_resolver(Arc::new(identity::ConfiguredCert::new(
+                service, certified, described,
+            )))
         }
         (None, None) => builder.with_no_client_auth(),
         (Some(_), None) => {
@@ -61,6 +69,54 @@ pub(crate) fn client_config(
     // speaks it (one multiplexed connection), HTTP/1.1 otherwise.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// What to add to a connection error when the server refused our client certificate (a
+/// fatal alert about it), or `None`. Servers differ in what they accept: saying which is
+/// the difference between a lost afternoon and a config fix.
+pub(crate) fn refusal_hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::AlertDescription as A;
+    let alert = find_alert(e)?;
+    Some(match alert {
+        A::CertificateRequired => {
+            "the server requires a TLS client certificate: set shacache-cert-file and \
+             shacache-key-file (shadir-cert-file and shadir-key-file for shadir)"
+        }
+        A::BadCertificate
+        | A::UnsupportedCertificate
+        | A::CertificateUnknown
+        | A::UnknownCA
+        | A::DecryptError
+        | A::AccessDenied
+        | A::CertificateExpired
+        | A::CertificateRevoked => {
+            "the server refused the TLS client certificate (shacache-cert-file/-key-file, \
+             shadir-cert-file/-key-file). Servers that check client certificates with \
+             rustls/WebPKI, `shacachefs serve --client-ca` among them, accept only X.509 v3 \
+             certificates issued by their CA, with an ECDSA, Ed25519 or RSA key of 2048 bits \
+             or more; OpenSSL-based servers (the production shacache) also accept X.509 v1 \
+             certificates and RSA-1024 keys"
+        }
+        _ => return None,
+    })
+}
+
+/// The fatal alert a server sent, anywhere in the error's chain (rustls errors travel
+/// inside `io::Error`s, whose `source` skips them).
+fn find_alert(e: &(dyn std::error::Error + 'static)) -> Option<rustls::AlertDescription> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::AlertReceived(a)) = tls {
+            return Some(*a);
+        }
+        next = err.source();
+    }
+    None
 }
 
 fn key_path_display(p: &Option<std::path::PathBuf>) -> String {
@@ -175,6 +231,78 @@ mod tests {
         };
         let c = client_config("shacache", &files, true).unwrap();
         assert!(c.client_auth_cert_resolver.has_certs());
+    }
+
+    fn tls_fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tls")
+            .join(name)
+    }
+
+    /// The credentials of issue 15: an X.509 v1 certificate and an RSA-1024 key (PKCS#1).
+    /// OpenSSL-based servers accept them; the set-up must not refuse them first.
+    #[test]
+    fn a_v1_certificate_with_an_rsa_1024_key_loads() {
+        let files = TlsFiles {
+            cert_file: Some(tls_fixture("legacy-v1.crt")),
+            key_file: Some(tls_fixture("legacy-rsa1024.key")),
+            ..TlsFiles::default()
+        };
+        let c = client_config("shacache", &files, false).unwrap();
+        assert!(c.client_auth_cert_resolver.has_certs());
+    }
+
+    /// A v1 certificate with a key ring signs with (RSA-2048): the certificate alone was
+    /// refused before ("UnsupportedCertVersion").
+    #[test]
+    fn a_v1_certificate_with_an_rsa_2048_key_loads() {
+        let files = TlsFiles {
+            cert_file: Some(tls_fixture("v1-rsa2048.crt")),
+            key_file: Some(tls_fixture("v1-rsa2048.key")),
+            ..TlsFiles::default()
+        };
+        let c = client_config("shadir", &files, false).unwrap();
+        assert!(c.client_auth_cert_resolver.has_certs());
+    }
+
+    #[test]
+    fn a_refused_client_certificate_is_explained() {
+        use rustls::AlertDescription as A;
+        let wrapped = |a: A| std::io::Error::other(rustls::Error::AlertReceived(a));
+        for a in [
+            A::BadCertificate,
+            A::UnsupportedCertificate,
+            A::DecryptError,
+            A::UnknownCA,
+        ] {
+            let hint = refusal_hint(&wrapped(a)).unwrap_or_else(|| panic!("{a:?}"));
+            assert!(hint.contains("X.509 v3"), "{hint}");
+        }
+        let hint = refusal_hint(&rustls::Error::AlertReceived(A::CertificateRequired)).unwrap();
+        assert!(hint.contains("shacache-cert-file"), "{hint}");
+        // Not about our certificate: nothing added.
+        assert!(refusal_hint(&wrapped(A::HandshakeFailure)).is_none());
+        assert!(refusal_hint(&std::io::Error::other("connection reset")).is_none());
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/signature");
+        let files = TlsFiles {
+            cert_file: Some(fixtures.join("signer-b.crt")),
+            key_file: Some(tls_fixture("legacy-rsa1024.key")),
+            ..TlsFiles::default()
+        };
+        let err = client_config("shadir", &files, false).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        let files = TlsFiles {
+            cert_file: Some(tls_fixture("legacy-v1.crt")),
+            key_file: Some(fixtures.join("signer-b.key")),
+            ..TlsFiles::default()
+        };
+        let err = client_config("shadir", &files, false).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The server's TLS configuration: a certificate and key from PEM files, and optionally
 //! a CA whose client certificates are verified. Client certificates are optional at the
 //! TLS level (anonymous clients may read); uploads without one are refused by `auth`.
+//! The client verifier is WebPKI's: X.509 v3 client certificates only, with ECDSA,
+//! Ed25519 or RSA-2048+ keys (stricter than OpenSSL-based servers; the README says so and
+//! the client's error on such a refusal explains it).
 
 use super::{ServerError, TlsOptions};
 use rustls::pki_types::pem::PemObject;
