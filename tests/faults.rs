@@ -326,7 +326,7 @@ fn assert_cache_layout(dir: &Path) {
             ["v1", "ns", ns, "dirs", f] => {
                 is_hex(ns, 32) && f.strip_suffix(".json").is_some_and(|h| is_hex(h, 32))
             }
-            ["v1", "outbox", id, "data" | "meta.json" | "lock"] => item_id(id),
+            ["v1", "outbox", id, "data" | "meta.json" | "lock" | "writing"] => item_id(id),
             _ => false,
         };
         assert!(

@@ -629,3 +629,173 @@ print(int(os.fstat(f.fileno()).st_mtime), flush=True)
     drop(holder.stdin.take());
     let _ = write_util::wait_within(&mut holder, Duration::from_secs(10));
 }
+
+// ---------------------------------------------------------------------------------------
+// Stress.
+
+/// One writer of the stress test: `rounds` times, opens one of two shared files or its
+/// own (no `O_TRUNC`), writes a self-describing record at a slot of its own, sometimes
+/// forks a child that writes another record through the inherited descriptor (the
+/// parent closes after the child exited), sometimes runs a command, then closes.
+/// Prints what was acknowledged: records whose write returned success, and closes.
+const STRESS_WRITER: &str = r#"
+import json, os, random, subprocess, sys, time
+keydir, w, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rnd = random.Random(w)
+RL = 64
+def rec(who, r):
+    s = f"w={who:03d} r={r:03d} ".encode()
+    return s + b"." * (RL - len(s) - 1) + b"\n"
+out = {"acked": [], "closes": [], "refused": 0}
+held = {}  # name -> (fd, records written through it)
+def close(name, r):
+    fd, mine = held.pop(name)
+    try:
+        os.close(fd)
+        out["closes"].append([name, r, "ok", mine])
+    except OSError as e:
+        out["closes"].append([name, r, str(e), mine])
+for r in range(rounds):
+    name = rnd.choice(["shared0.log", "shared1.log", f"own{w}.log"])
+    if name not in held:
+        try:
+            fd = os.open(os.path.join(keydir, name), os.O_WRONLY | os.O_CREAT, 0o644)
+        except PermissionError:
+            # Published and no new version pending: published entries are immutable.
+            out["refused"] += 1
+            continue
+        held[name] = (fd, [])
+    fd, mine = held[name]
+    slot = w * rounds + r
+    os.pwrite(fd, rec(w, r), slot * RL)
+    mine.append([name, w, r]); out["acked"].append([name, w, r])
+    if rnd.random() < 0.5:
+        os.set_inheritable(fd, True)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.pwrite(fd, rec(100 + w, r), (1000 + slot) * RL)
+                os._exit(0)
+            except OSError:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        if status == 0:
+            mine.append([name, 100 + w, r]); out["acked"].append([name, 100 + w, r])
+    if rnd.random() < 0.3:
+        subprocess.run(["/bin/true"], check=True)
+    time.sleep(rnd.random() * 0.2)
+    if rnd.random() < 0.35:
+        close(name, r)
+for name in list(held):
+    close(name, rounds)
+print(json.dumps(out))
+"#;
+
+/// The records (who, round) in a file's bytes.
+fn records(data: &[u8]) -> std::collections::BTreeSet<(u64, u64)> {
+    data.chunks(64)
+        .filter_map(|c| {
+            let s = std::str::from_utf8(c).ok()?;
+            let who = s.strip_prefix("w=")?.get(..3)?.parse().ok()?;
+            let r = s.get(6..)?.strip_prefix("r=")?.get(..3)?.parse().ok()?;
+            Some((who, r))
+        })
+        .collect()
+}
+
+/// Writers, children and re-opens of the same pending files while publishes are
+/// slowed: every cached blob matches its name, every acknowledged record is in a
+/// published version or pending, and every record acknowledged before a close that
+/// returned 0 is in a published version.
+#[test]
+fn stress_concurrent_writers_children_and_slow_publishes() {
+    let mut sample = b"w=101 r=007 ".to_vec();
+    sample.resize(63, b'.');
+    sample.push(b'\n');
+    assert_eq!(records(&sample).into_iter().collect::<Vec<_>>(), vec![(101, 7)]);
+    let w = World::new();
+    let m = w.mount(&[]);
+    std::fs::create_dir(m.path("k")).expect("mkdir k");
+    w.srv
+        .push_rule(Rule::new(Fault::Delay(Duration::from_millis(400))).method("PUT"));
+    let writers: Vec<std::process::Child> = (0..4)
+        .map(|i| {
+            Command::new("python3")
+                .arg("-c")
+                .arg(STRESS_WRITER)
+                .arg(m.path("k"))
+                .arg(i.to_string())
+                .arg("24")
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python writer")
+        })
+        .collect();
+    let mut outputs = Vec::new();
+    for child in writers {
+        let out = write_util::bounded("a stress writer", move || child.wait_with_output());
+        let out = out.expect("writer output");
+        assert!(out.status.success(), "a writer failed: {out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("writer JSON");
+        outputs.push(v);
+    }
+    // The last releases publish what is left.
+    std::thread::sleep(Duration::from_secs(3));
+    w.srv.clear_rules();
+
+    // Published versions and pending data, by file name.
+    let mut published: std::collections::HashMap<String, std::collections::BTreeSet<(u64, u64)>> =
+        Default::default();
+    for e in w.srv.entries("k").unwrap_or_default() {
+        let v: Value = serde_json::from_str(&e.inner).expect("entry");
+        let sha = Sha512::parse(v["sha512"].as_str().unwrap()).unwrap();
+        let blob = w.srv.blob(&sha).expect("a published entry's blob");
+        assert_eq!(Sha512::of(&blob), sha);
+        published
+            .entry(v["file"].as_str().unwrap().to_string())
+            .or_default()
+            .extend(records(&blob));
+    }
+    let mut pending: std::collections::HashMap<String, std::collections::BTreeSet<(u64, u64)>> =
+        Default::default();
+    for item in write_util::outbox_items(&w.cache()) {
+        let id = item["id"].as_str().unwrap_or_default().to_string();
+        let name = item["name"].as_str().unwrap_or_default().to_string();
+        let data = std::fs::read(w.cache().join("v1/outbox").join(&id).join("data"))
+            .unwrap_or_default();
+        pending.entry(name).or_default().extend(records(&data));
+    }
+    let mut checked = 0;
+    for out in &outputs {
+        for a in out["acked"].as_array().unwrap() {
+            let name = a[0].as_str().unwrap();
+            let rec = (a[1].as_u64().unwrap(), a[2].as_u64().unwrap());
+            let found = published.get(name).is_some_and(|s| s.contains(&rec))
+                || pending.get(name).is_some_and(|s| s.contains(&rec));
+            assert_log_ok(
+                found,
+                &format!("acknowledged record {rec:?} of {name} is neither published nor pending"),
+                &m,
+            );
+            checked += 1;
+        }
+        for c in out["closes"].as_array().unwrap() {
+            if c[2] != "ok" {
+                continue;
+            }
+            let name = c[0].as_str().unwrap();
+            for a in c[3].as_array().unwrap() {
+                let rec = (a[1].as_u64().unwrap(), a[2].as_u64().unwrap());
+                assert_log_ok(
+                    published.get(name).is_some_and(|s| s.contains(&rec)),
+                    &format!("{name}: a close returned 0, but record {rec:?} written before it is in no published version"),
+                    &m,
+                );
+            }
+        }
+    }
+    let refused: u64 = outputs.iter().map(|o| o["refused"].as_u64().unwrap_or(0)).sum();
+    eprintln!("stress: {checked} records acknowledged, {refused} opens of published names refused");
+    assert!(checked >= 40, "too few records acknowledged: {outputs:?}");
+    w.assert_cache_consistent();
+}

@@ -205,6 +205,8 @@ pub struct StagedHandle {
     pub opener: Option<u32>,
     /// Held while open: `outbox retry` from another process leaves the item alone.
     writer: Option<WriterLock>,
+    /// Something was written through this handle: its last release may publish.
+    wrote: bool,
 }
 
 /// Reads from a staged file.
@@ -409,6 +411,7 @@ impl Core {
             file,
             opener,
             writer,
+            wrote: false,
         })))
     }
 
@@ -684,6 +687,7 @@ impl Core {
             return Err(e);
         }
         self.mark_dirty(&h.id);
+        h.wrote = true;
         let mut st = lock(&self.staging);
         let sequential = st.seq.0.get(&h.id).is_some_and(|s| s.len() == offset);
         if !sequential {
@@ -917,9 +921,20 @@ impl Core {
         let Handle::Staged(m) = &*handle else {
             return;
         };
-        let id = lock(m).id.clone();
+        let (id, wrote) = {
+            let h = lock(m);
+            (h.id.clone(), h.wrote)
+        };
+        // Written through this handle, or created by it and never written (a pending
+        // file from an earlier run that was only read is left to the retries).
         let pending = match lock(&self.staging).items.get(&id) {
-            Some(i) => i.dirty && !i.failed && i.incomplete.is_none() && !i.name.starts_with('.'),
+            Some(i) => {
+                i.dirty
+                    && (wrote || !i.written)
+                    && !i.failed
+                    && i.incomplete.is_none()
+                    && !i.name.starts_with('.')
+            }
             None => false,
         };
         if pending && !self.is_open(&id) {
