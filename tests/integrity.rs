@@ -712,7 +712,10 @@ fn stress_concurrent_writers_children_and_slow_publishes() {
     let mut sample = b"w=101 r=007 ".to_vec();
     sample.resize(63, b'.');
     sample.push(b'\n');
-    assert_eq!(records(&sample).into_iter().collect::<Vec<_>>(), vec![(101, 7)]);
+    assert_eq!(
+        records(&sample).into_iter().collect::<Vec<_>>(),
+        vec![(101, 7)]
+    );
     let w = World::new();
     let m = w.mount(&[]);
     std::fs::create_dir(m.path("k")).expect("mkdir k");
@@ -761,8 +764,8 @@ fn stress_concurrent_writers_children_and_slow_publishes() {
     for item in write_util::outbox_items(&w.cache()) {
         let id = item["id"].as_str().unwrap_or_default().to_string();
         let name = item["name"].as_str().unwrap_or_default().to_string();
-        let data = std::fs::read(w.cache().join("v1/outbox").join(&id).join("data"))
-            .unwrap_or_default();
+        let data =
+            std::fs::read(w.cache().join("v1/outbox").join(&id).join("data")).unwrap_or_default();
         pending.entry(name).or_default().extend(records(&data));
     }
     let mut checked = 0;
@@ -794,7 +797,10 @@ fn stress_concurrent_writers_children_and_slow_publishes() {
             }
         }
     }
-    let refused: u64 = outputs.iter().map(|o| o["refused"].as_u64().unwrap_or(0)).sum();
+    let refused: u64 = outputs
+        .iter()
+        .map(|o| o["refused"].as_u64().unwrap_or(0))
+        .sum();
     eprintln!("stress: {checked} records acknowledged, {refused} opens of published names refused");
     assert!(checked >= 40, "too few records acknowledged: {outputs:?}");
     w.assert_cache_consistent();
