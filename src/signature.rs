@@ -16,7 +16,10 @@ use rsa::pkcs8::DecodePrivateKey;
 use rsa::traits::PublicKeyParts;
 use rsa::Pkcs1v15Sign;
 use sha1::{Digest, Sha1};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// One trusted certificate, reduced to what verification needs.
 #[derive(Debug, Clone)]
@@ -30,6 +33,33 @@ pub struct TrustedCert {
 #[derive(Debug, Clone, Default)]
 pub struct Verifier {
     pub certs: Vec<TrustedCert>,
+    /// Verdicts already reached, shared by clones: see [`Verifier::verify`].
+    memo: Arc<Memo>,
+}
+
+/// Verdicts by a digest of (inner string, signature), for the certificate set they
+/// were reached with: a listing refreshed or re-fetched after a publish verifies only
+/// its new entries. Bounded: cleared when it grows past [`MEMO_MAX`].
+#[derive(Debug, Default)]
+struct Memo {
+    /// The certificate count the verdicts hold for, and the verdicts (the index of the
+    /// certificate that verified, or none).
+    verdicts: Mutex<(usize, Verdicts)>,
+    /// RSA verifications actually done (for tests and `status`).
+    done: AtomicU64,
+}
+
+type Verdicts = HashMap<[u8; 32], Option<usize>>;
+
+/// Verdicts remembered at most (about 50 bytes each).
+const MEMO_MAX: usize = 1 << 20;
+
+fn memo_key(inner: &str, signature_b64: &str) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update((inner.len() as u64).to_le_bytes());
+    h.update(inner.as_bytes());
+    h.update(signature_b64.as_bytes());
+    h.finalize().into()
 }
 
 /// A signing key loaded from a PEM file (PKCS#1 or PKCS#8).
@@ -90,11 +120,41 @@ impl Verifier {
     }
 
     /// The first certificate whose key verifies `signature_b64` over `inner`'s UTF-8
-    /// bytes; `None` for an empty, malformed or non-matching signature.
+    /// bytes; `None` for an empty, malformed or non-matching signature. Each (inner,
+    /// signature) pair is verified once per certificate set: the verdict is remembered,
+    /// keyed by a SHA-256 of both (never by the blob's name alone, so a changed
+    /// signature or inner string is verified again).
     pub fn verify(&self, inner: &str, signature_b64: &str) -> Option<&TrustedCert> {
         if self.certs.is_empty() {
             return None;
         }
+        let key = memo_key(inner, signature_b64);
+        {
+            let mut m = self.memo.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+            if m.0 != self.certs.len() {
+                *m = (self.certs.len(), HashMap::new());
+            }
+            if let Some(v) = m.1.get(&key) {
+                return v.and_then(|i| self.certs.get(i));
+            }
+        }
+        self.memo.done.fetch_add(1, Ordering::Relaxed);
+        let found = self.verify_uncached(inner, signature_b64);
+        let index = found.and_then(|c| self.certs.iter().position(|x| std::ptr::eq(x, c)));
+        let mut m = self.memo.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        if m.1.len() >= MEMO_MAX {
+            m.1.clear();
+        }
+        m.1.insert(key, index);
+        found
+    }
+
+    /// RSA verifications done so far (those answered from memory not counted).
+    pub fn verifications(&self) -> u64 {
+        self.memo.done.load(Ordering::Relaxed)
+    }
+
+    fn verify_uncached(&self, inner: &str, signature_b64: &str) -> Option<&TrustedCert> {
         let signature = decode_signature(signature_b64)?;
         // ring's RSA is several times faster than the rsa crate's (a listing may hold
         // thousands of entries); it takes moduli of 1024 bits and more, which covers
@@ -224,4 +284,46 @@ impl Signer {
 /// valid 100 years.
 pub fn generate(bits: usize, common_name: &str) -> Result<(String, String), SignatureError> {
     cert::generate(bits, common_name)
+}
+
+#[cfg(test)]
+mod memo_tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/signature")
+            .join(name)
+    }
+
+    #[test]
+    fn each_entry_is_verified_once_and_a_changed_signature_again() {
+        let pem = std::fs::read_to_string(fixture("signer-a.crt")).unwrap();
+        let (v, warnings) = Verifier::from_pems(&[pem]);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let a = Signer::load(&fixture("signer-a.pkcs8.key")).unwrap();
+        let b = Signer::load(&fixture("signer-b.key")).unwrap();
+        let inners = ["{\"file\": \"x\"}", "{\"file\": \"y\"}"];
+        let sigs: Vec<String> = inners.iter().map(|i| a.sign(i)).collect();
+        let clone = v.clone();
+        for _ in 0..3 {
+            for (i, s) in inners.iter().zip(&sigs) {
+                assert!(v.verify(i, s).is_some());
+                assert!(clone.verify(i, s).is_some(), "a clone shares the verdicts");
+            }
+        }
+        assert_eq!(v.verifications(), 2, "each entry verified once");
+        // Same inner string, another signature (by an untrusted key): verified again,
+        // and refused.
+        let forged = b.sign(inners[0]);
+        assert!(v.verify(inners[0], &forged).is_none());
+        assert!(v.verify(inners[0], &forged).is_none());
+        assert_eq!(v.verifications(), 3);
+        // The inner string changed under the same signature: verified again, refused.
+        assert!(v.verify("{\"file\": \"z\"}", &sigs[0]).is_none());
+        assert_eq!(v.verifications(), 4);
+        // The good one still verifies.
+        assert!(v.verify(inners[0], &sigs[0]).is_some());
+        assert_eq!(v.verifications(), 4);
+    }
 }

@@ -1765,3 +1765,70 @@ fn mount_cp_fails_when_the_server_dies_mid_upload_then_retry_publishes() {
     assert_eq!(Sha512::of(&blob), sha);
     assert!(write_util::outbox_items(&cache).is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// What a publish and a refresh cost.
+
+/// A publish adds its signed entry to the listing in memory: the key is not fetched
+/// again, and each entry's signature is verified once, also across a refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_adds_its_entry_without_fetching_the_key_again() {
+    let w = World::new().await;
+    let core = w.core(fast());
+    write_through(&core, "inplace", "first.bin", b"first")
+        .await
+        .expect("first publish");
+    let gets = w.srv.count("GET", "/shadir/inplace");
+    let verified = core.client().verifier.verifications();
+    // Written into the key as it is (`write_through` makes the directory first).
+    let dir = core.lookup(ROOT_INO, "inplace").await.expect("lookup").ino;
+    for i in 0..5 {
+        let data = pseudo_random_bytes(1000 + i, 300 + i as u64);
+        let (_, fh, _) = core
+            .create(dir, &format!("f{i}.bin"), None)
+            .await
+            .expect("create");
+        core.write(fh, 0, &data).await.expect("write");
+        within("closing", core.flush(fh, None))
+            .await
+            .expect("publish");
+        core.release_handle(fh).await;
+    }
+    assert_eq!(
+        w.srv.count("GET", "/shadir/inplace"),
+        gets,
+        "a publish fetched the whole key again"
+    );
+    assert_eq!(w.srv.entries("inplace").map(|e| e.len()), Some(6));
+    let names = names_in(&core, "inplace").await;
+    for n in ["first.bin", "f0.bin", "f4.bin", "latest"] {
+        assert!(names.contains(n), "{n} missing from {names:?}");
+    }
+    assert_eq!(
+        core.client().verifier.verifications() - verified,
+        5,
+        "each new entry is verified once"
+    );
+    // A refresh verifies nothing it verified before.
+    let before = core.client().verifier.verifications();
+    core.refresh("inplace").await.expect("refresh");
+    assert_eq!(w.srv.count("GET", "/shadir/inplace"), gets + 1);
+    assert_eq!(core.client().verifier.verifications(), before);
+    // Another client republishes a known blob under a changed signature: verified
+    // again, and hidden (not signed by a trusted key).
+    let (sha, inner) = {
+        let e = &w.srv.entries("inplace").unwrap()[1];
+        let v: Value = serde_json::from_str(&e.inner).unwrap();
+        (v["sha512"].as_str().unwrap().to_string(), e.inner.clone())
+    };
+    let mut forged = inner.clone();
+    forged.insert_str(forged.len() - 1, ", \"x\": 1");
+    let b = Signer::load(&fixture("signature/signer-b.key")).expect("signer B");
+    w.srv.add_entry("inplace", signed(&b, &forged));
+    core.refresh("inplace").await.expect("refresh");
+    assert_eq!(core.client().verifier.verifications(), before + 1);
+    assert!(!names_in(&core, "inplace")
+        .await
+        .iter()
+        .any(|n| n.contains(&sha[..12])));
+}

@@ -805,3 +805,69 @@ fn stress_concurrent_writers_children_and_slow_publishes() {
     assert!(checked >= 40, "too few records acknowledged: {outputs:?}");
     w.assert_cache_consistent();
 }
+
+// ---------------------------------------------------------------------------------------
+// Big keys.
+
+/// The daemon's status document (the root's `user.shacachefs.status`).
+fn status(m: &Mount) -> Value {
+    let out = cmd(
+        "getfattr",
+        &[
+            "--only-values",
+            "-n",
+            "user.shacachefs.status",
+            m.mountpoint.to_str().unwrap(),
+        ],
+    );
+    assert!(out.success(), "getfattr: {}", out.describe());
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// `ls` of a key with thousands of entries builds its listing once (at `opendir`),
+/// however many `readdir` calls the kernel makes, and verifies each signature once
+/// across refreshes.
+#[test]
+fn listing_a_big_key_builds_it_once() {
+    let w = World::new();
+    let n = 3000;
+    for i in 0..n {
+        let data = format!("blob {i}");
+        w.publish(
+            "big",
+            &format!("file-{i:05}.bin"),
+            data.as_bytes(),
+            1e9 + i as f64,
+        );
+    }
+    let m = w.mount(&["--dir-ttl", "1"]);
+    let before = status(&m);
+    let out = cmd("ls", &["-f", m.path("big").to_str().unwrap()]);
+    assert!(out.success(), "{}", out.describe());
+    // `.`, `..`, the files, `latest` and `.entries.json`.
+    assert_eq!(out.stdout_text().lines().count(), n + 4);
+    let after = status(&m);
+    let built = |s: &Value| {
+        s["directory_listings"]
+            .as_u64()
+            .expect("directory_listings")
+    };
+    assert_eq!(
+        built(&after) - built(&before),
+        1,
+        "one listing per ls, not one per readdir call"
+    );
+    let verified = |s: &Value| s["signature_verifications"].as_u64().unwrap();
+    assert_eq!(verified(&after), n as u64, "each entry verified once");
+    // After the TTL, a refresh verifies nothing again.
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = cmd("ls", &["-f", m.path("big").to_str().unwrap()]);
+    assert!(out.success(), "{}", out.describe());
+    let again = status(&m);
+    assert!(again["shadir_requests"].as_u64() > after["shadir_requests"].as_u64());
+    assert_eq!(
+        verified(&again),
+        n as u64,
+        "a refresh verified known entries again"
+    );
+}

@@ -180,6 +180,8 @@ pub struct Stats {
     pub bytes_fetched: AtomicU64,
     pub downloads_in_flight: AtomicU64,
     pub dir_requests: AtomicU64,
+    /// Directory listings built for the kernel (one per `opendir`).
+    pub dir_listings: AtomicU64,
     pub probes: AtomicU64,
     pub bytes_uploaded: AtomicU64,
     pub published: AtomicU64,
@@ -456,6 +458,42 @@ impl Core {
         for n in notices {
             self.notify(n);
         }
+    }
+
+    /// A publish through this mount: its signed entry joins the key's listing in memory
+    /// at once (verified like any other; the kernel told about the name), without
+    /// fetching the key again. The next refresh after the TTL reconciles with shadir.
+    /// A key not listed yet is fetched.
+    pub(crate) async fn insert_published(self: &Arc<Self>, key: &str, entry: RawEntry) {
+        let _guard = self.key_locks.lock(&key.to_string()).await;
+        let listed = match lock(&self.keys).get(key) {
+            Some(KeyState::Listed(l)) => Some(l.clone()),
+            _ => None,
+        };
+        let old = match listed {
+            Some(l) => l,
+            None => {
+                drop(_guard);
+                if let Err(e) = self.refresh(key).await {
+                    tracing::warn!("key {key}: refreshing after a publish: {e}");
+                }
+                return;
+            }
+        };
+        let mut entries: Vec<RawEntry> = old.files.values().map(|f| f.entry.raw.clone()).collect();
+        entries.push(entry);
+        let mut built = self.build(
+            key,
+            Listing {
+                entries,
+                rejected: Vec::new(),
+            },
+        );
+        built.fetched = old.fetched;
+        let built = Arc::new(built);
+        lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
+        self.tell_changes(key, &old, &built);
+        self.prefetch_sizes(&built);
     }
 
     /// Queues a notice for the kernel (nothing when there is no kernel: tests).
@@ -905,6 +943,7 @@ impl Core {
 
     /// `readdir(ino)`: every entry, `.` and `..` included.
     pub async fn readdir(self: &Arc<Self>, ino: u64) -> Result<Vec<DirEntry>, FsError> {
+        self.stats.dir_listings.fetch_add(1, Ordering::Relaxed);
         let mut out = vec![
             DirEntry {
                 ino,

@@ -75,6 +75,8 @@ impl Core {
                 "sent_again": s.early_resent.load(Ordering::Relaxed),
             },
             "shadir_requests": s.dir_requests.load(Ordering::Relaxed),
+            "directory_listings": s.dir_listings.load(Ordering::Relaxed),
+            "signature_verifications": self.client.verifier.verifications(),
             "size_probes": s.probes.load(Ordering::Relaxed),
             "outbox_pending": self.pending_count(),
         })

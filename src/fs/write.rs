@@ -1040,11 +1040,9 @@ impl Core {
                 lock(&self.staging).remove(id);
                 // Writers waiting on the freeze now move to a new version.
                 drop(frozen);
-                // Show the new entry at once: ask shadir now, then make the kernel forget
-                // what it cached under that name.
-                if let Err(e) = self.refresh(&p.key).await {
-                    tracing::warn!("key {}: refreshing after publishing {}: {e}", p.key, p.name);
-                }
+                // Show the new entry at once (added to the listing in memory), then
+                // make the kernel forget what it cached under that name.
+                self.insert_published(&p.key, p.entry.clone()).await;
                 tracing::info!(
                     "key {}: {} published ({} bytes, sha512 {}{})",
                     p.key,

@@ -46,6 +46,11 @@ pub struct FuseFs {
     backing: Arc<Mutex<Backing>>,
     /// What the kernel was shown of each file inode: see [`Shown`].
     shown: Arc<Mutex<Shown>>,
+    /// Directory listings by directory handle, taken at `opendir`: `readdir` (called
+    /// once per few KiB of names) serves them by offset, so a big key costs one listing
+    /// per `ls`, and offsets stay stable across a refresh.
+    dirs: Arc<Mutex<HashMap<u64, Arc<Vec<crate::fs::DirEntry>>>>>,
+    next_dir: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Which file an inode was last served from (`served`: device, inode number and birth
@@ -140,6 +145,8 @@ impl FuseFs {
             want_passthrough,
             backing: Arc::new(Mutex::new(Backing::default())),
             shown: Arc::new(Mutex::new(Shown::default())),
+            dirs: Arc::default(),
+            next_dir: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         }
     }
 
@@ -735,32 +742,73 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn opendir(&mut self, _req: &Request<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
-        reply.opened(0, 0);
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        let core = self.core.clone();
+        let dirs = self.dirs.clone();
+        let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
+        self.rt.spawn(async move {
+            match core.readdir(ino).await {
+                Ok(entries) => {
+                    dirs.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(fh, Arc::new(entries));
+                    reply.opened(fh, 0);
+                }
+                Err(e) => reply.error(log_err("opendir", &e)),
+            }
+        });
     }
 
     fn readdir(
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
+        let snapshot = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned();
+        let fill = move |entries: &[crate::fs::DirEntry], mut reply: ReplyDirectory| {
+            for (i, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
+                if reply.add(e.ino, (i + 1) as i64, file_type(e.kind), &e.name) {
+                    break;
+                }
+            }
+            reply.ok();
+        };
+        if let Some(entries) = snapshot {
+            return fill(&entries, reply);
+        }
+        // A handle without a snapshot (none is made for it): listed now.
         let core = self.core.clone();
         self.rt.spawn(async move {
             match core.readdir(ino).await {
-                Ok(entries) => {
-                    for (i, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
-                        if reply.add(e.ino, (i + 1) as i64, file_type(e.kind), &e.name) {
-                            break;
-                        }
-                    }
-                    reply.ok();
+                Ok(entries) => fill(&entries, reply),
+                Err(e) => {
+                    reply.error(log_err("readdir", &e));
                 }
-                Err(e) => reply.error(log_err("readdir", &e)),
             }
         });
+    }
+
+    fn releasedir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh);
+        reply.ok();
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
