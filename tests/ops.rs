@@ -265,27 +265,115 @@ fn no_secret_in_a_debug_log_of_an_authenticated_upload() {
     );
 }
 
-/// Installs `/sbin/mount.fuse.shacachefs` (a link to the binary under test) for the
-/// test's duration, unless one is already there.
-struct HelperLink(Option<PathBuf>);
+/// Tests that install `/sbin/mount.fuse.shacachefs` take turns.
+static HELPER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Installs `/sbin/mount.fuse.shacachefs` for the test's duration: a link to the binary
+/// under test (what the README suggests for a non-package install), or the shipped
+/// helper script (`contrib/`), which finds the binary itself. One left there (by hand)
+/// is put back afterwards.
+struct HelperLink {
+    saved: Option<PathBuf>,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+const HELPER_PATH: &str = "/sbin/mount.fuse.shacachefs";
 
 impl HelperLink {
     fn install() -> HelperLink {
-        let link = PathBuf::from("/sbin/mount.fuse.shacachefs");
-        if link.symlink_metadata().is_ok() {
-            return HelperLink(None);
-        }
-        std::os::unix::fs::symlink(shacachefs_bin(), &link)
-            .expect("cannot create /sbin/mount.fuse.shacachefs");
-        HelperLink(Some(link))
+        Self::with(|p| std::os::unix::fs::symlink(shacachefs_bin(), p))
+    }
+
+    fn script() -> HelperLink {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/mount.fuse.shacachefs");
+        Self::with(|p| std::fs::copy(&src, p).map(|_| ()))
+    }
+
+    fn with(make: impl FnOnce(&Path) -> std::io::Result<()>) -> HelperLink {
+        let turn = HELPER.lock().unwrap_or_else(|p| p.into_inner());
+        let path = Path::new(HELPER_PATH);
+        let saved = path.symlink_metadata().is_ok().then(|| {
+            let s = PathBuf::from(format!("{HELPER_PATH}.saved-by-tests"));
+            std::fs::rename(path, &s).expect("moving the existing helper aside");
+            s
+        });
+        make(path).expect("cannot install /sbin/mount.fuse.shacachefs");
+        HelperLink { saved, _turn: turn }
     }
 }
 
 impl Drop for HelperLink {
     fn drop(&mut self) {
-        if let Some(l) = &self.0 {
-            let _ = std::fs::remove_file(l);
+        let _ = std::fs::remove_file(HELPER_PATH);
+        if let Some(s) = &self.saved {
+            let _ = std::fs::rename(s, HELPER_PATH);
         }
+    }
+}
+
+/// `mount -t fuse.shacachefs` with the shipped helper script and the binary installed
+/// by `cargo install` (in `$CARGO_HOME/bin`, not in `/usr/bin` nor on the PATH).
+#[test]
+fn mount_helper_finds_a_cargo_installed_binary() {
+    assert_fuse();
+    assert!(
+        !Path::new("/usr/bin/shacachefs").exists(),
+        "/usr/bin/shacachefs exists (a package installed?): this test needs the cargo layout"
+    );
+    let server = TestServer::start();
+    let dir = tempdir();
+    let cfg = server.config().signer_a().write(dir.path(), "cfg");
+    let cargo_home = dir.path().join("cargo-home");
+    std::fs::create_dir_all(cargo_home.join("bin")).unwrap();
+    std::os::unix::fs::symlink(shacachefs_bin(), cargo_home.join("bin/shacachefs")).unwrap();
+    let _helper = HelperLink::script();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let opts = format!(
+        "cache_dir={},key=helper-key",
+        dir.path().join("cache").display()
+    );
+    let mut cmd = Command::new("mount");
+    cmd.args(["-t", "fuse.shacachefs"])
+        .arg(&cfg)
+        .arg(&mnt)
+        .args(["-o", &opts])
+        .env("CARGO_HOME", &cargo_home)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    without_proxy(&mut cmd);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let ok = out.success() && mounted(&mnt);
+    let names: Vec<String> = std::fs::read_dir(&mnt)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = Command::new("umount").arg(&mnt).status();
+    if mounted(&mnt) {
+        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    }
+    assert!(ok, "mount -t fuse.shacachefs failed: {}", out.describe());
+    assert!(names.contains(&"helper-key".to_string()), "{names:?}");
+    // Without any binary to find, it says so.
+    let mut cmd = Command::new("bash");
+    cmd.arg(HELPER_PATH)
+        .arg(&cfg)
+        .arg(&mnt)
+        .env("CARGO_HOME", dir.path().join("nowhere"))
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", dir.path());
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    if !Path::new("/usr/local/bin/shacachefs").exists()
+        && !Path::new("/root/.cargo/bin/shacachefs").exists()
+    {
+        out.assert_failure();
+        assert!(
+            out.stderr_text().contains("shacachefs not found"),
+            "{}",
+            out.describe()
+        );
     }
 }
 
