@@ -88,8 +88,8 @@ pub(crate) async fn get(state: &State, segment: &str, head: bool) -> Response<Bo
     };
     // The committed end is read after opening the list and before its length: an
     // append only ever grows the file past it, so the bytes before it are stable.
-    let index = store::index_path(&path);
-    let header = match tokio::task::spawn_blocking(move || store::read_index_header(&index)).await {
+    let list = path.clone();
+    let header = match tokio::task::spawn_blocking(move || store::read_index_header(&list)).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => return internal("reading a shadir index", &e),
         Err(e) => return internal("reading a shadir index", &e),

@@ -808,4 +808,37 @@ mod tests {
         assert!(root.join(DIR_DIR).join("k-.tmp-keep").exists());
         assert_eq!(remove_temporaries(root).unwrap(), 0);
     }
+
+    #[test]
+    fn readers_never_see_an_append_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = key_path(dir.path(), "k");
+        append_entry(dir.path(), b"k", &pair(0)).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let root = dir.path().to_path_buf();
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let pad = "p".repeat(64 << 10);
+                for i in 1..300 {
+                    let mut e = pair(i);
+                    e.inner.push_str(&pad);
+                    append_entry(&root, b"k", &e).unwrap();
+                }
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        let mut reads = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let body = served(&path);
+            assert!(
+                body.ends_with(b"]"),
+                "read {reads}: ends with {:?}",
+                &body[body.len().saturating_sub(20)..]
+            );
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert!(reads > 0);
+    }
 }
