@@ -61,6 +61,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// For a server only its own machine uses (the tests, a mount's embedded server on
+    /// loopback): every client has the same address, so there is no cap per client; the
+    /// rest as [`Limits::default`].
+    pub fn local() -> Self {
+        let d = Limits::default();
+        Limits {
+            max_connections_per_client: d.max_connections,
+            ..d
+        }
+    }
+}
+
 /// Who a connection is counted against.
 fn client_of(ip: IpAddr) -> IpAddr {
     match ip {

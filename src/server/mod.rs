@@ -16,7 +16,7 @@
 //! What one client may hold is bounded by [`Limits`] (connections in total and per
 //! client, header, body and send timeouts, a minimum body rate). At start, temporary files
 //! a killed server left (`.tmp-*`: uploads and list rewrites being received) are removed,
-//! unless another server is running on the same root (an `flock` on `ROOT/.serve.lock`
+//! unless another server is running on the same root (an `flock` on the root directory
 //! tells: taken exclusively to clean, then held shared for the server's life).
 
 mod auth;
@@ -130,7 +130,7 @@ pub(crate) struct State {
     /// Uploads receiving a body at once; each holds a blocking writer thread, so beyond
     /// this the server answers 429 rather than let stalled clients exhaust the pool.
     pub(crate) uploads: std::sync::Arc<tokio::sync::Semaphore>,
-    /// `ROOT/.serve.lock`, held shared while this server runs.
+    /// The root directory, `flock`ed shared while this server runs.
     _root_lock: std::fs::File,
 }
 
@@ -138,11 +138,7 @@ impl State {
     fn open(opts: &ServerOptions, limits: &Limits) -> std::io::Result<Self> {
         std::fs::create_dir_all(opts.root.join(store::CACHE_DIR))?;
         std::fs::create_dir_all(opts.root.join(store::DIR_DIR))?;
-        let root_lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(opts.root.join(store::ROOT_LOCK))?;
+        let root_lock = std::fs::File::open(&opts.root)?;
         if flock(&root_lock, libc::LOCK_EX | libc::LOCK_NB)? {
             let removed = store::remove_temporaries(&opts.root)?;
             if removed > 0 {
@@ -316,9 +312,10 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// Binds `addr` (use `127.0.0.1:0` in tests) and serves in a tokio task.
+/// Binds `addr` (use `127.0.0.1:0` in tests) and serves in a tokio task, with
+/// [`Limits::local`] (no cap per client address: every client is local).
 pub async fn start(addr: SocketAddr, opts: ServerOptions) -> Result<RunningServer, ServerError> {
-    start_with(addr, opts, Limits::default()).await
+    start_with(addr, opts, Limits::local()).await
 }
 
 /// [`start`] with explicit limits.

@@ -1,7 +1,6 @@
 //! The server's on-disk store, and the only code that turns names into paths.
 //!
 //! ```text
-//! ROOT/.serve.lock                      flock: held shared by each running server
 //! ROOT/.tmp-XXXXXX                      uploads being received (deleted on failure)
 //! ROOT/shacache/<2 hex>/<128 hex>       one blob, named by its SHA-512
 //! ROOT/shadir/k-<encoded key>           one key's list: a JSON array of [inner, signature]
@@ -68,8 +67,9 @@ pub fn key_path(root: &Path, key: impl AsRef<[u8]>) -> PathBuf {
     path
 }
 
-/// The key stored at `path` (relative to `ROOT/shadir`, or absolute under it), when the
-/// path is one [`key_path`] makes.
+/// The key whose data is stored at `path` (relative to `ROOT/shadir`, or absolute under
+/// it): its list, when the path is one [`key_path`] makes, or that list's index
+/// ([`index_path`]).
 pub fn key_of_path(root: &Path, path: &Path) -> Option<Vec<u8>> {
     let base = root.join(DIR_DIR);
     let rel = path.strip_prefix(&base).unwrap_or(path);
@@ -85,10 +85,16 @@ pub fn key_of_path(root: &Path, path: &Path) -> Option<Vec<u8>> {
     for d in dirs {
         encoded.push_str(d.strip_prefix("d-")?);
     }
-    encoded.push_str(last.strip_prefix("k-")?);
+    let (name, index) = match last.strip_prefix("k-") {
+        Some(name) => (name, false),
+        None => (last.strip_prefix("i-")?, true),
+    };
+    encoded.push_str(name);
     let key: Vec<u8> = percent_decode(encoded.as_bytes()).collect();
-    // Only the canonical spelling counts, so one key has exactly one path.
-    (!key.is_empty() && key_path(root, &key) == base.join(rel)).then_some(key)
+    // Only the canonical spelling counts, so one key has exactly one path (and index).
+    let list = key_path(root, &key);
+    let canonical = if index { index_path(&list) } else { list };
+    (!key.is_empty() && canonical == base.join(rel)).then_some(key)
 }
 
 /// Why a shadir write failed.
@@ -113,8 +119,6 @@ pub fn store_blob(root: &Path, hashed: HashedFile) -> io::Result<bool> {
     Ok(!existed)
 }
 
-/// The name of the advisory lock file at the root (see the module `server`).
-pub const ROOT_LOCK: &str = ".serve.lock";
 /// Prefix of every temporary file the server creates.
 pub const TMP_PREFIX: &str = ".tmp-";
 
@@ -656,6 +660,12 @@ mod tests {
         assert_eq!(key_of_path(root, Path::new("k-a b")), None);
         assert_eq!(key_of_path(root, Path::new(".tmp-x")), None);
         assert_eq!(key_of_path(root, Path::new("d-a")), None);
+        assert_eq!(key_of_path(root, Path::new("i-%2f")), None);
+        assert_eq!(
+            key_of_path(root, Path::new("i-a%20b")),
+            Some(b"a b".to_vec())
+        );
+        assert_eq!(key_of_path(root, Path::new("d-a/i-b")), None);
         assert_eq!(
             key_of_path(root, Path::new("k-a%20b")),
             Some(b"a b".to_vec())
