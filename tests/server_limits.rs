@@ -796,3 +796,44 @@ async fn upload_credentials_from_a_file_or_the_environment_stay_off_the_command_
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("USER:PASS"));
 }
+
+#[test]
+fn serve_raises_the_soft_open_file_limit_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Started with a low soft limit, as a shell or a unit often gives.
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} serve --root {} --listen 127.0.0.1:{port}",
+            bin().display(),
+            dir.path().join("r").display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut limits = String::new();
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("serve did not start: {limits:?}"));
+    let v: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (v[3], v[4]);
+    assert_eq!(soft, hard, "{line}");
+    assert_ne!(soft, "256", "{line}");
+}
