@@ -95,9 +95,36 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// Require HTTP Basic USER:PASS for uploads (POST, PUT).
-    #[arg(long, value_name = "USER:PASS")]
+    /// Require HTTP Basic USER:PASS for uploads (POST, PUT). Visible to every local user
+    /// in the process list: prefer --upload-user-file or SHACACHEFS_UPLOAD_USER.
+    #[arg(long, value_name = "USER:PASS", conflicts_with = "upload_user_file")]
     pub upload_user: Option<String>,
+    /// Read USER:PASS for uploads from the first line of this file.
+    #[arg(long, value_name = "FILE")]
+    pub upload_user_file: Option<PathBuf>,
+    /// A request's headers, and an idle keep-alive connection's next request, must arrive
+    /// within this many seconds.
+    #[arg(long, default_value = "30", value_name = "SECS", value_parser = parse_secs)]
+    pub header_timeout: std::time::Duration,
+    /// A request body that sends nothing for this many seconds is dropped (408).
+    #[arg(long, default_value = "30", value_name = "SECS", value_parser = parse_secs)]
+    pub body_idle_timeout: std::time::Duration,
+    /// Average rate a request body must keep (bytes a second, suffixes K/M), counted
+    /// from its start after a grace of --body-idle-timeout; 0 turns the check off.
+    #[arg(long, default_value = "8K", value_name = "RATE", value_parser = parse_size)]
+    pub body_min_rate: u64,
+    /// A response the client does not read for this many seconds is dropped.
+    #[arg(long, default_value = "60", value_name = "SECS", value_parser = parse_secs)]
+    pub send_timeout: std::time::Duration,
+    /// Open connections, all clients together (lowered to fit the open-file limit).
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub max_connections: usize,
+    /// Open connections from one IPv4 address or one IPv6 /64.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_connections_per_client: usize,
+    /// Uploads (POST) receiving at once; beyond, 429.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub max_uploads: usize,
     /// Serve HTTPS with this certificate (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -248,6 +275,18 @@ pub struct MountArgs {
     /// Set by `-o ro`.
     #[arg(skip)]
     pub options_ro: bool,
+}
+
+/// Parses a positive number of seconds (`30`, `0.5`).
+pub fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
+    let n: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {s:?}"))?;
+    if !(n > 0.0 && n <= 1e9) {
+        return Err(format!("seconds out of range: {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(n))
 }
 
 /// Parses `123`, `10K`, `512M`, `10G`, `1T` (powers of 1024).

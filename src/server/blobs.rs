@@ -8,6 +8,8 @@
 //! A blob name that is not exactly 128 lowercase hex digits is answered 404 without
 //! touching the filesystem (the name is checked before any path is built).
 
+use super::dir::closing;
+use super::limits::{BodyError, PacedBody};
 use super::routes::{empty, full, internal, text, Body};
 use super::{store, State};
 use crate::digest::{HashingFile, Sha512};
@@ -17,7 +19,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{
     HeaderMap, HeaderValue, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE,
-    CONTENT_TYPE, RANGE,
+    CONTENT_TYPE, ETAG, IF_RANGE, RANGE,
 };
 use hyper::{Response, StatusCode};
 use std::io::{self, SeekFrom};
@@ -30,10 +32,6 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Body frames in flight between the network and the disk writer (hyper frames are at
 /// most a few hundred KiB, so this bounds an upload's memory to a few MiB).
 const UPLOAD_QUEUE: usize = 16;
-/// Uploads receiving at once (see `State::uploads`).
-pub(crate) const MAX_UPLOADS: usize = 128;
-/// An upload whose client sends nothing for this long is dropped.
-const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Production's value: blobs never change.
 const CACHE_FOREVER: &str = "public, max-age=31556926";
 
@@ -44,7 +42,7 @@ enum Chunk {
 }
 
 /// `POST /shacache`: stores the body, answers 201 with its SHA-512.
-pub(crate) async fn upload(state: &State, mut body: Incoming) -> Response<Body> {
+pub(crate) async fn upload(state: &State, body: Incoming) -> Response<Body> {
     let Ok(_permit) = state.uploads.clone().try_acquire_owned() else {
         return super::routes::text(
             hyper::StatusCode::TOO_MANY_REQUESTS,
@@ -68,22 +66,17 @@ pub(crate) async fn upload(state: &State, mut body: Incoming) -> Response<Body> 
         let created = store::store_blob(&root, hashed)?;
         Ok(Some((sha, len, created)))
     });
+    let mut body = PacedBody::new(body, &state.limits);
     let received = loop {
-        let frame = match tokio::time::timeout(BODY_IDLE, body.frame()).await {
-            Ok(f) => f,
-            Err(_) => break Err(None),
-        };
-        match frame {
-            None => break Ok(()),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    // A closed channel means the writer failed; its error is reported below.
-                    if tx.send(Chunk::Data(data)).await.is_err() {
-                        break Ok(());
-                    }
+        match body.data().await {
+            Ok(None) => break Ok(()),
+            Ok(Some(data)) => {
+                // A closed channel means the writer failed; its error is reported below.
+                if tx.send(Chunk::Data(data)).await.is_err() {
+                    break Ok(());
                 }
             }
-            Some(Err(e)) => break Err(Some(e)),
+            Err(e) => break Err(e),
         }
     };
     match received {
@@ -93,11 +86,13 @@ pub(crate) async fn upload(state: &State, mut body: Incoming) -> Response<Body> 
         Err(e) => {
             drop(tx);
             let _ = writer.await;
-            match e {
-                Some(e) => info!("upload aborted: {e}"),
-                None => info!("upload aborted: no data for {BODY_IDLE:?}"),
-            }
-            return text(StatusCode::BAD_REQUEST, "upload body incomplete\n");
+            info!(received = body.received(), "upload aborted: {e}");
+            return match e {
+                BodyError::TooSlow => {
+                    closing(text(StatusCode::REQUEST_TIMEOUT, "upload body too slow\n"))
+                }
+                BodyError::Broken(_) => text(StatusCode::BAD_REQUEST, "upload body incomplete\n"),
+            };
         }
     }
     match writer.await {
@@ -134,9 +129,11 @@ pub(crate) async fn download(
         Ok(_) => return internal("opening a blob", &"not a regular file"),
         Err(e) => return internal("opening a blob", &e),
     };
+    // A blob never changes, so its name is a strong validator.
+    let etag = format!("\"{}\"", sha.hex());
     let mut ranges = headers.get_all(RANGE).iter();
     let range = match (ranges.next(), ranges.next()) {
-        (Some(v), None) => v
+        (Some(v), None) if if_range_holds(headers, &etag) => v
             .to_str()
             .map_or(ByteRange::Full, |v| parse_range(v, total)),
         _ => ByteRange::Full,
@@ -169,6 +166,7 @@ pub(crate) async fn download(
     set(&mut r, CONTENT_LENGTH, len.to_string());
     set(&mut r, ACCEPT_RANGES, "bytes".into());
     set(&mut r, CACHE_CONTROL, CACHE_FOREVER.into());
+    set(&mut r, ETAG, etag);
     if status == StatusCode::PARTIAL_CONTENT {
         set(
             &mut r,
@@ -182,6 +180,19 @@ pub(crate) async fn download(
 fn set(r: &mut Response<Body>, name: hyper::header::HeaderName, value: String) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         r.headers_mut().insert(name, v);
+    }
+}
+
+/// Whether a `Range` may be honoured under `If-Range` (RFC 9110 §13.1.5): yes without
+/// the header; otherwise only for exactly one strong entity tag equal to the blob's. A date
+/// never matches (no `Last-Modified` is sent), nor does a weak tag: then the whole blob
+/// is sent with 200.
+fn if_range_holds(headers: &HeaderMap, etag: &str) -> bool {
+    let mut values = headers.get_all(IF_RANGE).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(v), None) => v.to_str().is_ok_and(|v| v.trim() == etag),
+        _ => false,
     }
 }
 

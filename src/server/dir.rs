@@ -6,24 +6,29 @@
 //! array, base64 signature, an inner object whose `sha512` is 128 hex digits of either
 //! case) and answered 400 with a one-line reason otherwise.
 //!
-//! Writers of one key are serialised by a striped async lock and publish the whole new
-//! list with an fsynced temp-file-then-rename, so concurrent PUTs lose nothing and a
-//! reader always sees a complete list. This holds within one server process only.
+//! Writers of one key are serialised by a striped async lock and append to the key's
+//! list file, committing through its header (see [`store`]), so concurrent PUTs lose
+//! nothing and a reader always sees a complete list. This holds within one server process
+//! only. The lock, the append and the commit run in a task of their own: a client that
+//! hangs up cannot cancel them half-way, and a 201 is only sent once the entry is stored.
 
+use super::limits::{BodyError, PacedBody};
 use super::routes::{empty, full, internal, text, Body};
 use super::{store, State};
 use crate::wire::{self, RawEntry, WireError};
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use serde_json::Value;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::{debug, info};
 
 /// The largest PUT body accepted (one entry; real ones are well under a KiB).
@@ -81,26 +86,25 @@ pub(crate) async fn get(state: &State, segment: &str, head: bool) -> Response<Bo
         }
         Err(e) => return internal("opening a shadir list", &e),
     };
-    let len = match file.metadata().await {
-        Ok(m) if m.is_file() => m.len(),
+    // The committed end is read after opening the list and before its length: an
+    // append only ever grows the file past it, so the bytes before it are stable.
+    let list = path.clone();
+    let header = match tokio::task::spawn_blocking(move || store::read_index_header(&list)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return internal("reading a shadir index", &e),
+        Err(e) => return internal("reading a shadir index", &e),
+    };
+    let (len, inode) = match file.metadata().await {
+        Ok(m) if m.is_file() => (m.len(), std::os::unix::fs::MetadataExt::ino(&m)),
         Ok(_) => return internal("opening a shadir list", &"not a regular file"),
         Err(e) => return internal("opening a shadir list", &e),
     };
-    // The file is replaced by rename, never rewritten in place, so the open file is one
-    // consistent version whatever writers do meanwhile.
-    let (body, len) = if len == 0 {
-        (Bytes::from_static(b"[]"), 2)
-    } else {
-        (Bytes::new(), len)
+    let (len, body) = match header.and_then(|h| h.committed_prefix(inode, len)) {
+        Some(prefix) => (prefix + 1, stream(file.take(prefix).chain(&b"]"[..]))),
+        None if len == 0 => (2, full(Bytes::from_static(b"[]"))),
+        None => (len, stream(file)),
     };
-    let body = if head {
-        full(Bytes::new())
-    } else if !body.is_empty() {
-        full(body)
-    } else {
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK);
-        StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync()
-    };
+    let body = if head { full(Bytes::new()) } else { body };
     let mut r = Response::new(body);
     let headers = r.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -108,40 +112,67 @@ pub(crate) async fn get(state: &State, segment: &str, head: bool) -> Response<Bo
     r
 }
 
+fn stream(reader: impl AsyncRead + Send + 'static) -> Body {
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK);
+    StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync()
+}
+
 /// `PUT /shadir/<key>`: appends `[inner, signature]` unless already listed; 201.
-pub(crate) async fn put(state: &State, segment: &str, body: Incoming) -> Response<Body> {
+pub(crate) async fn put(state: &Arc<State>, segment: &str, body: Incoming) -> Response<Body> {
     let key = match decode_key(segment) {
         Ok(k) => k,
         Err(bad) => return bad.response(),
     };
-    let bytes = match Limited::new(body, MAX_PUT_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n")
+    let mut body = PacedBody::new(body, &state.limits);
+    let mut bytes = Vec::new();
+    loop {
+        match body.data().await {
+            Ok(Some(chunk)) => {
+                if bytes.len() + chunk.len() > MAX_PUT_BODY {
+                    return closing(text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(BodyError::TooSlow) => {
+                info!(key = %show(&key), received = body.received(), "shadir PUT body too slow");
+                return closing(text(StatusCode::REQUEST_TIMEOUT, "body too slow\n"));
+            }
+            Err(e) => {
+                debug!("shadir PUT body incomplete: {e}");
+                return text(StatusCode::BAD_REQUEST, "body incomplete\n");
+            }
         }
-        Err(e) => {
-            debug!("shadir PUT body incomplete: {e}");
-            return text(StatusCode::BAD_REQUEST, "body incomplete\n");
-        }
-    };
+    }
     let entry = match check_put_body(&bytes) {
         Ok(e) => e,
         Err(reason) => return text(StatusCode::BAD_REQUEST, format!("{reason}\n")),
     };
-    let lock = &state.key_locks[stripe(&key, state.key_locks.len())];
-    let _guard = lock.lock().await;
+    let lock = state.key_locks[stripe(&key, state.key_locks.len())].clone();
     let root = state.root.clone();
     let key_for_store = key.clone();
-    let stored =
+    // Detached: dropping this request (the client hung up) does not stop the write nor
+    // release the key's lock before the write is done.
+    let stored = tokio::spawn(async move {
+        let _guard = lock.lock_owned().await;
         tokio::task::spawn_blocking(move || store::append_entry(&root, &key_for_store, &entry))
-            .await;
+            .await
+    })
+    .await;
     match stored {
-        Ok(Ok(true)) => info!(key = %show(&key), "shadir entry added"),
-        Ok(Ok(false)) => debug!(key = %show(&key), "shadir entry already listed"),
-        Ok(Err(e)) => return internal("storing a shadir entry", &e),
-        Err(e) => return internal("storing a shadir entry", &e),
+        Ok(Ok(Ok(true))) => info!(key = %show(&key), "shadir entry added"),
+        Ok(Ok(Ok(false))) => debug!(key = %show(&key), "shadir entry already listed"),
+        Ok(Ok(Err(e))) => return internal("storing a shadir entry", &e),
+        Ok(Err(e)) | Err(e) => return internal("storing a shadir entry", &e),
     }
     empty(StatusCode::CREATED)
+}
+
+/// A response after which the connection is closed (the rest of the body is not read).
+pub(crate) fn closing(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 fn stripe(key: &[u8], n: usize) -> usize {

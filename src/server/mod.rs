@@ -12,15 +12,23 @@
 //! On shutdown the listener is closed first (the port refuses connections), then every
 //! connection is asked to finish its current request and close; whatever is still
 //! running after [`SHUTDOWN_GRACE`] is aborted.
+//!
+//! What one client may hold is bounded by [`Limits`] (connections in total and per
+//! client, header, body and send timeouts, a minimum body rate). At start, temporary files
+//! a killed server left (`.tmp-*`: uploads and list rewrites being received) are removed,
+//! unless another server is running on the same root (an `flock` on the root directory
+//! tells: taken exclusively to clean, then held shared for the server's life).
 
 mod auth;
 mod blobs;
 mod dir;
+mod limits;
 mod reqline;
 mod routes;
 pub mod store;
 mod tls;
 
+pub use limits::Limits;
 pub use store::{blob_path, key_path, MAX_KEY_LEN};
 
 use hyper::server::conn::http1;
@@ -41,8 +49,6 @@ use tracing::{debug, info, warn};
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// A client must finish the TLS handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
-/// A client must send a request's headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -118,17 +124,32 @@ pub(crate) struct State {
     pub(crate) upload_user: Option<(String, String)>,
     /// Uploads need a verified TLS client certificate.
     pub(crate) require_client_cert: bool,
+    pub(crate) limits: Limits,
     /// Serialises shadir writes per key (striped: keys hash onto a fixed set of locks).
-    pub(crate) key_locks: Vec<tokio::sync::Mutex<()>>,
+    pub(crate) key_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
     /// Uploads receiving a body at once; each holds a blocking writer thread, so beyond
     /// this the server answers 429 rather than let stalled clients exhaust the pool.
     pub(crate) uploads: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The root directory, `flock`ed shared while this server runs.
+    _root_lock: std::fs::File,
 }
 
 impl State {
-    fn open(opts: &ServerOptions) -> std::io::Result<Self> {
+    fn open(opts: &ServerOptions, limits: &Limits) -> std::io::Result<Self> {
         std::fs::create_dir_all(opts.root.join(store::CACHE_DIR))?;
         std::fs::create_dir_all(opts.root.join(store::DIR_DIR))?;
+        let root_lock = std::fs::File::open(&opts.root)?;
+        if flock(&root_lock, libc::LOCK_EX | libc::LOCK_NB)? {
+            let removed = store::remove_temporaries(&opts.root)?;
+            if removed > 0 {
+                info!(removed, "removed temporary files a previous server left");
+            }
+        } else {
+            info!("another server runs on this root; its temporary files are left alone");
+        }
+        // Downgrading (or waiting for the other server's shared lock) cannot fail for
+        // long: nobody holds the lock exclusively but for the clean-up above.
+        flock(&root_lock, libc::LOCK_SH)?;
         Ok(State {
             root: opts.root.clone(),
             upload_user: opts.upload_user.clone(),
@@ -136,19 +157,101 @@ impl State {
                 .tls
                 .as_ref()
                 .is_some_and(|t| t.client_ca_file.is_some()),
-            key_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
-            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(blobs::MAX_UPLOADS)),
+            limits: limits.clone(),
+            key_locks: (0..64)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect(),
+            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_uploads.max(1))),
+            _root_lock: root_lock,
         })
     }
 }
 
-/// Serves on an already bound listener until `shutdown` resolves.
+/// `flock(2)`; false when a non-blocking request would block.
+fn flock(file: &std::fs::File, op: libc::c_int) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a descriptor this File owns.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim = raised;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The soft limit on open files.
+fn nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a plain system call on a local struct.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
+}
+
+/// Descriptors kept out of the connection budget (listener, store, logs, runtime).
+const RESERVED_FDS: u64 = 64;
+
+/// Serves on an already bound listener until `shutdown` resolves, with default limits.
 pub async fn serve(
     listener: TcpListener,
     opts: ServerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let state = Arc::new(State::open(&opts)?);
+    serve_with(listener, opts, Limits::default(), shutdown).await
+}
+
+/// Serves on an already bound listener until `shutdown` resolves.
+pub async fn serve_with(
+    listener: TcpListener,
+    opts: ServerOptions,
+    mut limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    // Each connection may hold a socket and a file (a blob being sent or received).
+    if let Some(nofile) = nofile_limit() {
+        let fit = (nofile.saturating_sub(RESERVED_FDS) / 2).max(1) as usize;
+        if limits.max_connections > fit {
+            warn!(
+                nofile,
+                "max connections lowered from {} to {fit} to fit the open-file limit",
+                limits.max_connections
+            );
+            limits.max_connections = fit;
+        }
+    }
+    let state = Arc::new(State::open(&opts, &limits)?);
+    let gate = limits::Gate::new(limits.max_connections, limits.max_connections_per_client);
     let acceptor = match &opts.tls {
         Some(t) => Some(tls::acceptor(t)?),
         None => None,
@@ -169,15 +272,19 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    conns.spawn(connection(
-                        tcp,
-                        peer,
-                        state.clone(),
-                        acceptor.clone(),
-                        stop_rx.clone(),
-                    ));
-                }
+                Ok((tcp, peer)) => match gate.admit(peer.ip()) {
+                    Ok(ticket) => {
+                        conns.spawn(connection(
+                            tcp,
+                            peer,
+                            state.clone(),
+                            acceptor.clone(),
+                            stop_rx.clone(),
+                            ticket,
+                        ));
+                    }
+                    Err(why) => refuse(tcp, peer, why, acceptor.is_none()),
+                },
                 Err(e) => {
                     warn!("accept failed: {e}");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -205,18 +312,28 @@ pub async fn serve(
     Ok(())
 }
 
-/// Binds `addr` (use `127.0.0.1:0` in tests) and serves in a tokio task.
+/// Binds `addr` (use `127.0.0.1:0` in tests) and serves in a tokio task, with
+/// [`Limits::local`] (no cap per client address: every client is local).
 pub async fn start(addr: SocketAddr, opts: ServerOptions) -> Result<RunningServer, ServerError> {
+    start_with(addr, opts, Limits::local()).await
+}
+
+/// [`start`] with explicit limits.
+pub async fn start_with(
+    addr: SocketAddr,
+    opts: ServerOptions,
+    limits: Limits,
+) -> Result<RunningServer, ServerError> {
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     // Check the store and the TLS files now, so `start` reports their errors itself.
-    State::open(&opts)?;
+    State::open(&opts, &limits)?;
     if let Some(t) = &opts.tls {
         tls::acceptor(t)?;
     }
     let scheme = if opts.tls.is_some() { "https" } else { "http" };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, opts, async move {
+    let task = tokio::spawn(serve_with(listener, opts, limits, async move {
         let _ = stopped.await;
     }));
     Ok(RunningServer {
@@ -227,6 +344,18 @@ pub async fn start(addr: SocketAddr, opts: ServerOptions) -> Result<RunningServe
     })
 }
 
+/// A connection over a cap: plain HTTP gets a one-shot 503 (written only if the socket
+/// takes it at once), TLS is closed.
+fn refuse(tcp: TcpStream, peer: SocketAddr, why: limits::Refused, plain: bool) {
+    debug!(%peer, ?why, "connection refused: too many connections");
+    if plain {
+        let _ = tcp.try_write(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\n\
+              Content-Type: text/plain\r\nContent-Length: 21\r\n\r\ntoo many connections\n",
+        );
+    }
+}
+
 /// One accepted TCP connection: TLS handshake if configured, then HTTP/1.
 async fn connection(
     tcp: TcpStream,
@@ -234,11 +363,16 @@ async fn connection(
     state: Arc<State>,
     acceptor: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
+    _ticket: limits::Ticket,
 ) {
     let _ = tcp.set_nodelay(true);
+    let send_timeout = state.limits.send_timeout;
     let Some(acceptor) = acceptor else {
         return drive(
-            TokioIo::new(reqline::EncodeRequestLine::new(tcp)),
+            TokioIo::new(limits::SendTimeout::new(
+                reqline::EncodeRequestLine::new(tcp),
+                send_timeout,
+            )),
             peer,
             state,
             false,
@@ -260,7 +394,10 @@ async fn connection(
                 .peer_certificates()
                 .is_some_and(|c| !c.is_empty());
             drive(
-                TokioIo::new(reqline::EncodeRequestLine::new(stream)),
+                TokioIo::new(limits::SendTimeout::new(
+                    reqline::EncodeRequestLine::new(stream),
+                    send_timeout,
+                )),
                 peer,
                 state,
                 verified,
@@ -283,6 +420,7 @@ async fn drive<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let header_timeout = state.limits.header_timeout;
     let service = service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, Infallible>(routes::handle(&state, req, client_cert).await) }
@@ -290,7 +428,7 @@ async fn drive<I>(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .keep_alive(true);
     let conn = builder.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, LOCATION};
 use hyper::{Method, Request, Response, StatusCode};
 use std::io;
+use std::sync::Arc;
 use tracing::debug;
 
 /// The body of every response: a fixed buffer or a file stream.
@@ -51,7 +52,7 @@ fn route(path: &str) -> Route<'_> {
 
 /// Answers one request. Never fails: errors become status codes.
 pub(crate) async fn handle(
-    state: &State,
+    state: &Arc<State>,
     req: Request<Incoming>,
     client_cert: bool,
 ) -> Response<Body> {
@@ -62,14 +63,14 @@ pub(crate) async fn handle(
     resp
 }
 
-async fn dispatch(state: &State, req: Request<Incoming>, client_cert: bool) -> Response<Body> {
+async fn dispatch(state: &Arc<State>, req: Request<Incoming>, client_cert: bool) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let head = method == Method::HEAD;
     match (route(&path), method) {
         (Route::CacheRoot, Method::POST) => {
             if let Err(d) = auth::check_upload(state, req.headers(), client_cert) {
-                drain(req.into_body()).await;
+                drain(state, req.into_body()).await;
                 return denied(d);
             }
             blobs::upload(state, req.into_body()).await
@@ -82,7 +83,7 @@ async fn dispatch(state: &State, req: Request<Incoming>, client_cert: bool) -> R
         (Route::Key(seg), Method::GET | Method::HEAD) => dir::get(state, seg, head).await,
         (Route::Key(seg), Method::PUT) => {
             if let Err(d) = auth::check_upload(state, req.headers(), client_cert) {
-                drain(req.into_body()).await;
+                drain(state, req.into_body()).await;
                 return denied(d);
             }
             dir::put(state, seg, req.into_body()).await
@@ -92,18 +93,13 @@ async fn dispatch(state: &State, req: Request<Incoming>, client_cert: bool) -> R
     }
 }
 
-/// Reads and discards a refused upload's body (up to [`DRAIN_LIMIT`], each frame within
-/// 10 s), so the client, still sending, gets the refusal instead of a broken pipe.
-async fn drain(mut body: Incoming) {
-    use http_body_util::BodyExt;
-    let mut seen = 0u64;
-    while seen < DRAIN_LIMIT {
-        match tokio::time::timeout(std::time::Duration::from_secs(10), body.frame()).await {
-            Ok(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    seen += d.len() as u64;
-                }
-            }
+/// Reads and discards a refused upload's body (up to [`DRAIN_LIMIT`], under the body
+/// limits), so the client, still sending, gets the refusal instead of a broken pipe.
+async fn drain(state: &State, body: Incoming) {
+    let mut body = super::limits::PacedBody::new(body, &state.limits);
+    while body.received() < DRAIN_LIMIT {
+        match body.data().await {
+            Ok(Some(_)) => {}
             _ => return,
         }
     }

@@ -4,6 +4,9 @@
 //! ROOT/.tmp-XXXXXX                      uploads being received (deleted on failure)
 //! ROOT/shacache/<2 hex>/<128 hex>       one blob, named by its SHA-512
 //! ROOT/shadir/k-<encoded key>           one key's list: a JSON array of [inner, signature]
+//!                                       (appended to in place, see below)
+//! ROOT/shadir/i-<encoded key>           its index: where the list is committed, and a
+//!                                       16-byte digest of each pair listed
 //! ROOT/shadir/d-<part>/…/k-<last part>  the same for keys whose encoding is long
 //! ```
 //!
@@ -64,8 +67,9 @@ pub fn key_path(root: &Path, key: impl AsRef<[u8]>) -> PathBuf {
     path
 }
 
-/// The key stored at `path` (relative to `ROOT/shadir`, or absolute under it), when the
-/// path is one [`key_path`] makes.
+/// The key whose data is stored at `path` (relative to `ROOT/shadir`, or absolute under
+/// it): its list, when the path is one [`key_path`] makes, or that list's index
+/// ([`index_path`]).
 pub fn key_of_path(root: &Path, path: &Path) -> Option<Vec<u8>> {
     let base = root.join(DIR_DIR);
     let rel = path.strip_prefix(&base).unwrap_or(path);
@@ -81,10 +85,16 @@ pub fn key_of_path(root: &Path, path: &Path) -> Option<Vec<u8>> {
     for d in dirs {
         encoded.push_str(d.strip_prefix("d-")?);
     }
-    encoded.push_str(last.strip_prefix("k-")?);
+    let (name, index) = match last.strip_prefix("k-") {
+        Some(name) => (name, false),
+        None => (last.strip_prefix("i-")?, true),
+    };
+    encoded.push_str(name);
     let key: Vec<u8> = percent_decode(encoded.as_bytes()).collect();
-    // Only the canonical spelling counts, so one key has exactly one path.
-    (!key.is_empty() && key_path(root, &key) == base.join(rel)).then_some(key)
+    // Only the canonical spelling counts, so one key has exactly one path (and index).
+    let list = key_path(root, &key);
+    let canonical = if index { index_path(&list) } else { list };
+    (!key.is_empty() && canonical == base.join(rel)).then_some(key)
 }
 
 /// Why a shadir write failed.
@@ -96,59 +106,458 @@ pub enum StoreError {
     Corrupt(PathBuf),
 }
 
-/// Publishes a received blob. Returns false when a blob of that name and size was
-/// already there (the new copy is then dropped); a stored file of another size is
-/// damaged and is replaced.
+/// Publishes a received blob, whose content was hashed to its name on the way in.
+/// Returns whether no blob of that name was there. An existing file is always replaced
+/// (an atomic rename): it may have been damaged, and the new copy is known to be right.
 pub fn store_blob(root: &Path, hashed: HashedFile) -> io::Result<bool> {
     let dest = blob_path(root, &hashed.sha());
-    if let Ok(meta) = fs::metadata(&dest) {
-        if meta.is_file() && meta.len() == hashed.len() {
-            return Ok(false);
-        }
-    }
+    let existed = fs::symlink_metadata(&dest).is_ok();
     let dir = dest.parent().unwrap_or(root);
     ensure_dir(root, dir)?;
     hashed.persist(&dest)?;
     sync_dir(dir)?;
-    Ok(true)
+    Ok(!existed)
+}
+
+/// Prefix of every temporary file the server creates.
+pub const TMP_PREFIX: &str = ".tmp-";
+
+/// Removes the temporary files a killed server left: `ROOT/.tmp-*` (uploads) and
+/// `.tmp-*` anywhere under `ROOT/shadir` (list rewrites). Returns how many.
+pub fn remove_temporaries(root: &Path) -> io::Result<usize> {
+    let mut removed = remove_tmp_in(root, false)?;
+    removed += remove_tmp_in(&root.join(DIR_DIR), true)?;
+    Ok(removed)
+}
+
+fn remove_tmp_in(dir: &Path, recurse: bool) -> io::Result<usize> {
+    let mut removed = 0;
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.as_encoded_bytes();
+        let kind = entry.file_type()?;
+        if name.starts_with(TMP_PREFIX.as_bytes()) && kind.is_file() {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        } else if recurse && kind.is_dir() && name.starts_with(b"d-") {
+            removed += remove_tmp_in(&entry.path(), true)?;
+        }
+    }
+    Ok(removed)
+}
+
+// A key's list is a plain JSON array of `[inner, signature]` pairs at rest, written as
+// Python's `json.dumps` writes it. Beside it, its index (`i-` in place of `k-`): a
+// fixed-size header, then a 16-byte digest of every pair listed, so a PUT finds duplicates
+// without reading the list. The header names the list file it describes (inode, length,
+// modification time) and where the committed list ends.
+//
+// An append overwrites the list's closing `]` with `, item]` (`item]` in an empty list),
+// writes the pair's digest past the index's end, syncs both, then rewrites the index's
+// header (one small write in the first sector) and syncs it. A reader takes the committed
+// end from the header (read before it looks at the list's length) and sends the list's
+// bytes up to the last one, then a `]` of its own, so an append in progress never shows.
+// A crash between the append and its commit leaves the committed list readable; the next
+// PUT finds the header out of date and rebuilds the index (and the list, from the whole
+// file when it parses, else from the committed part).
+//
+// A list without an index (written by an older server, or edited by hand) is rebuilt the
+// same way by the next PUT, streaming: one item at a time is held in memory.
+
+/// How every index starts.
+const INDEX_MAGIC: &[u8] = b"#shacachefs-index v1 ";
+/// Bytes of the index header.
+pub const INDEX_HEADER: usize = 128;
+/// Bytes of one index record.
+const DIGEST_LEN: usize = 16;
+/// Read size for scans and rebuilds.
+const SCAN_CHUNK: usize = 64 * 1024;
+
+/// The committed state of a list, as its index's header records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexHeader {
+    /// Inode of the list file described.
+    pub inode: u64,
+    /// Committed length of the list (its last byte is the closing `]`).
+    pub list_end: u64,
+    /// Committed length of the index, header included.
+    pub index_end: u64,
+    /// The list's modification time (ns since the epoch) at the last commit.
+    pub mtime_ns: u64,
+}
+
+impl IndexHeader {
+    fn encode(&self) -> [u8; INDEX_HEADER] {
+        let mut out = [b' '; INDEX_HEADER];
+        let text = format!(
+            "{}{:020} {:020} {:020} {:020}",
+            std::str::from_utf8(INDEX_MAGIC).unwrap_or_default(),
+            self.inode,
+            self.list_end,
+            self.index_end,
+            self.mtime_ns
+        );
+        out[..text.len()].copy_from_slice(text.as_bytes());
+        out[INDEX_HEADER - 1] = b'\n';
+        out
+    }
+
+    /// Parses an index header; `None` when `bytes` is not one.
+    pub fn parse(bytes: &[u8]) -> Option<IndexHeader> {
+        let rest = bytes.get(..INDEX_HEADER)?.strip_prefix(INDEX_MAGIC)?;
+        let mut parts = std::str::from_utf8(rest).ok()?.split_ascii_whitespace();
+        let mut next = || parts.next()?.parse::<u64>().ok();
+        let h = IndexHeader {
+            inode: next()?,
+            list_end: next()?,
+            index_end: next()?,
+            mtime_ns: next()?,
+        };
+        let records = h.index_end.checked_sub(INDEX_HEADER as u64)?;
+        (h.list_end >= 2 && records % DIGEST_LEN as u64 == 0).then_some(h)
+    }
+
+    /// How many bytes of a list of `len` bytes and inode `inode` a reader sends before
+    /// its own closing `]`; `None` when this header does not describe that file (no
+    /// index yet, or the file was replaced or cut since): then the file is sent as it is.
+    pub fn committed_prefix(&self, inode: u64, len: u64) -> Option<u64> {
+        (self.inode == inode && len >= self.list_end).then_some(self.list_end - 1)
+    }
+}
+
+/// The index file beside a list file.
+pub fn index_path(list: &Path) -> PathBuf {
+    let name = list
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = name.strip_prefix("k-").unwrap_or(&name);
+    list.with_file_name(format!("i-{name}"))
+}
+
+/// Reads the header of the index of the list at `list` (`None`: no usable index).
+pub fn read_index_header(list: &Path) -> io::Result<Option<IndexHeader>> {
+    match File::open(index_path(list)) {
+        Ok(f) => header_of(&f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn header_of(index: &File) -> io::Result<Option<IndexHeader>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; INDEX_HEADER];
+    let mut got = 0;
+    while got < INDEX_HEADER {
+        match index.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(IndexHeader::parse(&buf[..got]))
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    (meta.mtime().max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec().max(0) as u64)
+}
+
+/// What identifies a pair in the index.
+fn pair_digest(inner: &str, signature: &str) -> [u8; DIGEST_LEN] {
+    use sha2::Digest;
+    let mut h = sha2::Sha512::new();
+    h.update((inner.len() as u64).to_le_bytes());
+    h.update(inner.as_bytes());
+    h.update(signature.as_bytes());
+    let full = h.finalize();
+    let mut out = [0u8; DIGEST_LEN];
+    out.copy_from_slice(&full[..DIGEST_LEN]);
+    out
+}
+
+/// Whether `digest` is among the index's committed records.
+fn index_contains(index: &File, end: u64, digest: &[u8; DIGEST_LEN]) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; SCAN_CHUNK];
+    let mut pos = INDEX_HEADER as u64;
+    while pos < end {
+        let want = (end - pos).min(SCAN_CHUNK as u64) as usize;
+        index.read_exact_at(&mut buf[..want], pos)?;
+        if buf[..want]
+            .chunks_exact(DIGEST_LEN)
+            .any(|record| record == digest)
+        {
+            return Ok(true);
+        }
+        pos += want as u64;
+    }
+    Ok(false)
+}
+
+/// The list and its index, opened, when the index describes the list exactly as it is.
+fn open_current(path: &Path) -> io::Result<Option<(File, File, IndexHeader)>> {
+    use std::os::unix::fs::MetadataExt;
+    let open_rw = |p: &Path| fs::OpenOptions::new().read(true).write(true).open(p);
+    let list = match open_rw(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let index = match open_rw(&index_path(path)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(h) = header_of(&index)? else {
+        return Ok(None);
+    };
+    let meta = list.metadata()?;
+    let current = meta.ino() == h.inode
+        && meta.len() == h.list_end
+        && mtime_ns(&meta) == h.mtime_ns
+        && index.metadata()?.len() >= h.index_end;
+    Ok(current.then_some((list, index, h)))
 }
 
 /// Adds `entry` to the list of `key` unless an identical pair is already there.
-/// Returns whether it was added. The caller serialises writers of one key.
+/// Returns whether it was added. The caller serialises writers of one key. Neither the
+/// list nor its index is ever read whole into memory, and an append writes only the new
+/// item and its digest (a list without a current index is rebuilt first, streaming).
 pub fn append_entry(root: &Path, key: &[u8], entry: &RawEntry) -> Result<bool, StoreError> {
+    use std::os::unix::fs::FileExt;
     let path = key_path(root, key);
-    let mut items = match fs::read(&path) {
-        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Vec::new(),
-        Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Array(items)) => items,
-            _ => return Err(StoreError::Corrupt(path)),
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e.into()),
+    let dir = path.parent().unwrap_or(root).to_path_buf();
+    ensure_dir(root, &dir)?;
+    let (list, index, header) = match open_current(&path)? {
+        Some(found) => found,
+        None => {
+            rebuild(&path)?;
+            open_current(&path)?.ok_or_else(|| {
+                io::Error::other(format!("list {} changed while rebuilt", path.display()))
+            })?
+        }
     };
-    let duplicate = items
-        .iter()
-        .any(|item| match item.as_array().map(Vec::as_slice) {
-            Some([Value::String(inner), Value::String(sig)]) => {
-                *inner == entry.inner && *sig == entry.signature
-            }
-            _ => false,
-        });
-    if duplicate {
+    let digest = pair_digest(&entry.inner, &entry.signature);
+    if index_contains(&index, header.index_end, &digest)? {
         return Ok(false);
     }
-    items.push(Value::Array(vec![
+    let item = pyjson::dumps(&Value::Array(vec![
         Value::String(entry.inner.clone()),
         Value::String(entry.signature.clone()),
     ]));
-    let dir = path.parent().unwrap_or(root);
-    ensure_dir(root, dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-    tmp.write_all(pyjson::dumps(&Value::Array(items)).as_bytes())?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(&path).map_err(|e| e.error)?;
-    sync_dir(dir)?;
+    let sep = if header.list_end == 2 { "" } else { ", " };
+    let tail = format!("{sep}{item}]");
+    // Over the closing bracket.
+    list.write_all_at(tail.as_bytes(), header.list_end - 1)?;
+    index.write_all_at(&digest, header.index_end)?;
+    list.sync_data()?;
+    index.sync_data()?;
+    let meta = list.metadata()?;
+    let next = IndexHeader {
+        inode: header.inode,
+        list_end: header.list_end - 1 + tail.len() as u64,
+        index_end: header.index_end + DIGEST_LEN as u64,
+        mtime_ns: mtime_ns(&meta),
+    };
+    index.write_all_at(&next.encode(), 0)?;
+    index.sync_data()?;
     Ok(true)
+}
+
+/// Rewrites the list at `path` (as `json.dumps` writes it) and a fresh index for it,
+/// reading the stored list one item at a time: the whole file when it parses, else, when
+/// the index describes this file, its committed part (an append was cut short). A missing
+/// list becomes an empty one. Both are written to temporary files and renamed into place,
+/// the index first (its header names the new list's inode).
+fn rebuild(path: &Path) -> Result<(), StoreError> {
+    use std::io::{BufWriter, Seek};
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut list = tempfile::Builder::new()
+        .prefix(TMP_PREFIX)
+        .tempfile_in(dir)?;
+    let mut index = tempfile::Builder::new()
+        .prefix(TMP_PREFIX)
+        .tempfile_in(dir)?;
+    let old = match File::open(path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.into()),
+    };
+    let counts = if let Some(mut old) = old {
+        let whole = copy_items(&mut old, None, &mut list, &mut index)?;
+        match whole {
+            Some(c) => c,
+            None => {
+                let committed = match read_index_header(path)? {
+                    Some(h) => {
+                        let meta = old.metadata()?;
+                        h.committed_prefix(meta.ino(), meta.len())
+                    }
+                    None => None,
+                };
+                let Some(prefix) = committed else {
+                    return Err(StoreError::Corrupt(path.to_path_buf()));
+                };
+                for f in [list.as_file_mut(), index.as_file_mut()] {
+                    f.set_len(0)?;
+                    f.seek(io::SeekFrom::Start(0))?;
+                }
+                copy_items(&mut old, Some(prefix), &mut list, &mut index)?
+                    .ok_or_else(|| StoreError::Corrupt(path.to_path_buf()))?
+            }
+        }
+    } else {
+        let mut w = BufWriter::new(list.as_file_mut());
+        w.write_all(b"[]")?;
+        w.flush()?;
+        let mut w = BufWriter::new(index.as_file_mut());
+        w.write_all(&[b' '; INDEX_HEADER])?;
+        w.flush()?;
+        (2, 0)
+    };
+    list.as_file().sync_all()?;
+    let meta = list.as_file().metadata()?;
+    let header = IndexHeader {
+        inode: meta.ino(),
+        list_end: counts.0,
+        index_end: INDEX_HEADER as u64 + counts.1 * DIGEST_LEN as u64,
+        mtime_ns: mtime_ns(&meta),
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        index.as_file().write_all_at(&header.encode(), 0)?;
+    }
+    index.as_file().sync_all()?;
+    index.persist(index_path(path)).map_err(|e| e.error)?;
+    list.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)?;
+    Ok(())
+}
+
+/// Streams the items of the stored list `old` (its first `prefix` bytes and a `]` when
+/// given, else the whole file) into a new list and index (header space left blank).
+/// Returns the new list's length and the pairs indexed, or `None` when it does not parse
+/// as a JSON array (or is not blank).
+fn copy_items(
+    old: &mut File,
+    prefix: Option<u64>,
+    list: &mut tempfile::NamedTempFile,
+    index: &mut tempfile::NamedTempFile,
+) -> io::Result<Option<(u64, u64)>> {
+    use std::io::{BufRead, BufReader, BufWriter, Read, Seek};
+    old.seek(io::SeekFrom::Start(0))?;
+    let old = old.try_clone()?;
+    let reader: Box<dyn Read> = match prefix {
+        Some(n) => Box::new(old.take(n).chain(&b"]"[..])),
+        None => Box::new(old),
+    };
+    let mut reader = BufReader::with_capacity(SCAN_CHUNK, reader);
+    let mut lw = BufWriter::new(list.as_file_mut());
+    let mut iw = BufWriter::new(index.as_file_mut());
+    iw.write_all(&[b' '; INDEX_HEADER])?;
+    lw.write_all(b"[")?;
+    // An empty (or blank) file is an empty list.
+    let blank = loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            break true;
+        }
+        let skip = buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        if skip < buf.len() {
+            reader.consume(skip);
+            break false;
+        }
+        let n = buf.len();
+        reader.consume(n);
+    };
+    let mut sink = Sink {
+        list: &mut lw,
+        index: &mut iw,
+        list_len: 1,
+        pairs: 0,
+        io_error: None,
+    };
+    if !blank {
+        let mut de = serde_json::Deserializer::from_reader(reader);
+        let parsed =
+            serde::de::DeserializeSeed::deserialize(&mut sink, &mut de).and_then(|()| de.end());
+        if let Some(e) = sink.io_error.take() {
+            return Err(e);
+        }
+        if parsed.is_err() {
+            return Ok(None);
+        }
+    }
+    let (list_len, pairs) = (sink.list_len + 1, sink.pairs);
+    lw.write_all(b"]")?;
+    lw.flush()?;
+    iw.flush()?;
+    Ok(Some((list_len, pairs)))
+}
+
+/// Receives a stored list's items one at a time while it is parsed, and writes each to
+/// the new list (and a pair's digest to the index).
+struct Sink<'a, L: Write, I: Write> {
+    list: &'a mut L,
+    index: &'a mut I,
+    list_len: u64,
+    pairs: u64,
+    io_error: Option<io::Error>,
+}
+
+impl<'de, L: Write, I: Write> serde::de::DeserializeSeed<'de> for &mut Sink<'_, L, I> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, L: Write, I: Write> serde::de::Visitor<'de> for &mut Sink<'_, L, I> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element::<Value>()? {
+            let text = pyjson::dumps(&item);
+            let sep = if self.list_len == 1 { "" } else { ", " };
+            let digest = match item.as_array().map(Vec::as_slice) {
+                Some([Value::String(inner), Value::String(sig)]) => Some(pair_digest(inner, sig)),
+                _ => None,
+            };
+            let written = (|| -> io::Result<()> {
+                self.list.write_all(sep.as_bytes())?;
+                self.list.write_all(text.as_bytes())?;
+                if let Some(d) = digest {
+                    self.index.write_all(&d)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = written {
+                self.io_error = Some(e);
+                return Err(serde::de::Error::custom("write failed"));
+            }
+            self.list_len += (sep.len() + text.len()) as u64;
+            if digest.is_some() {
+                self.pairs += 1;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Creates the missing directories from `base` (which exists) down to `dir`, fsyncing
@@ -251,6 +660,12 @@ mod tests {
         assert_eq!(key_of_path(root, Path::new("k-a b")), None);
         assert_eq!(key_of_path(root, Path::new(".tmp-x")), None);
         assert_eq!(key_of_path(root, Path::new("d-a")), None);
+        assert_eq!(key_of_path(root, Path::new("i-%2f")), None);
+        assert_eq!(
+            key_of_path(root, Path::new("i-a%20b")),
+            Some(b"a b".to_vec())
+        );
+        assert_eq!(key_of_path(root, Path::new("d-a/i-b")), None);
         assert_eq!(
             key_of_path(root, Path::new("k-a%20b")),
             Some(b"a b".to_vec())
@@ -277,5 +692,163 @@ mod tests {
             Err(StoreError::Corrupt(_))
         ));
         assert_eq!(fs::read(&path).unwrap(), b"{}");
+    }
+
+    /// What GET sends for the list at `path` (the same rule as the handler).
+    fn served(path: &Path) -> Vec<u8> {
+        use std::os::unix::fs::MetadataExt;
+        let header = read_index_header(path).unwrap();
+        let bytes = fs::read(path).unwrap();
+        let meta = fs::metadata(path).unwrap();
+        match header.and_then(|h| h.committed_prefix(meta.ino(), meta.len())) {
+            Some(n) => [&bytes[..n as usize], b"]"].concat(),
+            None => bytes,
+        }
+    }
+
+    fn pair(i: usize) -> RawEntry {
+        RawEntry {
+            inner: format!("{{\"sha512\": \"{i}\"}}"),
+            signature: "c2ln".into(),
+        }
+    }
+
+    fn dumps_all(items: &[RawEntry]) -> Vec<u8> {
+        let v = Value::Array(
+            items
+                .iter()
+                .map(|e| {
+                    Value::Array(vec![
+                        Value::String(e.inner.clone()),
+                        Value::String(e.signature.clone()),
+                    ])
+                })
+                .collect(),
+        );
+        pyjson::dumps(&v).into_bytes()
+    }
+
+    #[test]
+    fn appends_in_place_and_serves_json_dumps() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = key_path(dir.path(), "k");
+        let items: Vec<RawEntry> = (0..5).map(pair).collect();
+        assert!(append_entry(dir.path(), b"k", &items[0]).unwrap());
+        let ino = fs::metadata(&path).unwrap().ino();
+        for e in &items[1..] {
+            assert!(append_entry(dir.path(), b"k", e).unwrap());
+            assert!(!append_entry(dir.path(), b"k", e).unwrap());
+        }
+        assert_eq!(fs::metadata(&path).unwrap().ino(), ino);
+        // At rest the file itself is the list, exactly as json.dumps writes it.
+        assert_eq!(fs::read(&path).unwrap(), dumps_all(&items));
+        assert_eq!(served(&path), dumps_all(&items));
+    }
+
+    #[test]
+    fn an_append_cut_short_is_never_served_and_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = key_path(dir.path(), "k");
+        let items: Vec<RawEntry> = (0..3).map(pair).collect();
+        for e in &items[..2] {
+            append_entry(dir.path(), b"k", e).unwrap();
+        }
+        // A crash in the middle of the next append: the closing bracket overwritten,
+        // half an item written, the index header not updated.
+        let mut torn = fs::read(&path).unwrap();
+        torn.pop();
+        torn.extend_from_slice(b", [\"{\\\"sha512\\\": \\\"x");
+        {
+            use std::os::unix::fs::FileExt;
+            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&torn, 0).unwrap();
+        }
+        assert_eq!(served(&path), dumps_all(&items[..2]));
+        // The next PUT rebuilds from the committed part and appends.
+        assert!(append_entry(dir.path(), b"k", &items[2]).unwrap());
+        assert_eq!(served(&path), dumps_all(&items));
+        assert_eq!(fs::read(&path).unwrap(), dumps_all(&items));
+        assert!(!append_entry(dir.path(), b"k", &items[0]).unwrap());
+    }
+
+    #[test]
+    fn lists_without_an_index_are_served_as_they_are_and_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = key_path(dir.path(), "k");
+        let items: Vec<RawEntry> = (0..3).map(pair).collect();
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // Written by an older server (or by hand, compact).
+        fs::write(
+            &path,
+            serde_json::to_string(&serde_json::json!([
+                [items[0].inner, items[0].signature],
+                [items[1].inner, items[1].signature]
+            ]))
+            .unwrap(),
+        )
+        .unwrap();
+        let compact = fs::read(&path).unwrap();
+        assert_eq!(served(&path), compact);
+        assert!(!append_entry(dir.path(), b"k", &items[1]).unwrap());
+        assert!(append_entry(dir.path(), b"k", &items[2]).unwrap());
+        assert_eq!(served(&path), dumps_all(&items));
+        // An index removed is rebuilt.
+        fs::remove_file(index_path(&path)).unwrap();
+        assert!(!append_entry(dir.path(), b"k", &items[2]).unwrap());
+        // Empty and blank lists.
+        for blank in ["", "  \n", "[]"] {
+            fs::write(&path, blank).unwrap();
+            assert!(append_entry(dir.path(), b"k", &items[0]).unwrap());
+            assert_eq!(served(&path), dumps_all(&items[..1]));
+        }
+    }
+
+    #[test]
+    fn temporaries_are_found_where_the_server_makes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join(DIR_DIR).join("d-x")).unwrap();
+        fs::create_dir_all(root.join(CACHE_DIR).join("ab")).unwrap();
+        fs::write(root.join(".tmp-a"), b"").unwrap();
+        fs::write(root.join(DIR_DIR).join(".tmp-b"), b"").unwrap();
+        fs::write(root.join(DIR_DIR).join("d-x").join(".tmp-c"), b"").unwrap();
+        fs::write(root.join(DIR_DIR).join("k-.tmp-keep"), b"[]").unwrap();
+        assert_eq!(remove_temporaries(root).unwrap(), 3);
+        assert!(root.join(DIR_DIR).join("k-.tmp-keep").exists());
+        assert_eq!(remove_temporaries(root).unwrap(), 0);
+    }
+
+    #[test]
+    fn readers_never_see_an_append_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = key_path(dir.path(), "k");
+        append_entry(dir.path(), b"k", &pair(0)).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let root = dir.path().to_path_buf();
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let pad = "p".repeat(64 << 10);
+                for i in 1..300 {
+                    let mut e = pair(i);
+                    e.inner.push_str(&pad);
+                    append_entry(&root, b"k", &e).unwrap();
+                }
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        let mut reads = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let body = served(&path);
+            assert!(
+                body.ends_with(b"]"),
+                "read {reads}: ends with {:?}",
+                &body[body.len().saturating_sub(20)..]
+            );
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert!(reads > 0);
     }
 }
