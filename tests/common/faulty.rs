@@ -56,6 +56,11 @@ pub enum Fault {
     SendFewer(usize),
     /// A `Range` header is ignored: 200 with the whole blob.
     IgnoreRange,
+    /// HEAD: this `Content-Length` instead of the blob's (a lying probe).
+    HeadLength(u64),
+    /// GET: a `Range` header is ignored, and the whole blob comes as a 200 without
+    /// `Content-Length`, ended by closing the connection.
+    WholeUnannounced,
     /// Response body: one byte per interval.
     Trickle(Duration),
     /// The answer's head, then nothing for this long, then the connection is closed.
@@ -647,7 +652,7 @@ async fn respond(
         _ => normal(
             head,
             &body,
-            matches!(fault, Some(Fault::IgnoreRange)),
+            matches!(fault, Some(Fault::IgnoreRange | Fault::WholeUnannounced)),
             state,
         ),
     };
@@ -661,7 +666,12 @@ async fn respond(
     let true_len = ans.body.len();
     let body = if is_head { Vec::new() } else { ans.body };
     match &fault {
-        Some(Fault::CloseDelimited { .. }) => text.push_str("Connection: close\r\n"),
+        Some(Fault::CloseDelimited { .. } | Fault::WholeUnannounced) => {
+            text.push_str("Connection: close\r\n")
+        }
+        Some(Fault::HeadLength(n)) if is_head => {
+            text.push_str(&format!("Content-Length: {n}\r\n"));
+        }
         Some(Fault::AnnounceFewer(n)) => {
             text.push_str(&format!(
                 "Content-Length: {}\r\n",
@@ -700,7 +710,7 @@ async fn respond(
             send(w, &body, state).await;
             false
         }
-        Some(Fault::AnnounceFewer(_)) => {
+        Some(Fault::AnnounceFewer(_)) | Some(Fault::WholeUnannounced) => {
             send(w, &body, state).await;
             false
         }
