@@ -216,9 +216,9 @@ async fn concurrent_readers_through_a_small_cache_never_fail() {
     assert!(used <= limit, "{used} bytes cached over the {limit} limit");
 }
 
-/// Case 4: a HEAD announcing far more than the blob (3.5 MiB, then 1 TiB) neither
+/// Case 4: a HEAD announcing far more than the blob (3.5 MiB, within the disk) neither
 /// evicts the good cached blobs nor fails the open, and the verified size is the one
-/// recorded.
+/// recorded; one announcing more than the disk (1 TiB) is refused without evicting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_head_evicts_nothing_and_fails_nothing() {
     let w = World::new().await;
@@ -248,13 +248,18 @@ async fn a_lying_head_evicts_nothing_and_fails_nothing() {
         cached(&core, &sha_a) && cached(&core, &sha_b),
         "a HEAD saying 3.5 MiB for a 100 kB blob evicted good blobs"
     );
-    read_ok(&core, "lies", "d.bin", &d).await;
+    assert_eq!(core.cache().size_of(&sha_c), Some(100_000));
+    // More than the disk could ever hold: refused at once (ENOSPC), nothing evicted,
+    // nothing downloaded (an announced size may refuse, never evict).
+    let err = within("reading d.bin", read_entry(&core, "lies", "d.bin"))
+        .await
+        .expect_err("1 TiB announced");
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    assert_eq!(w.gets(&sha_d), 0);
     assert!(
         cached(&core, &sha_a) && cached(&core, &sha_b),
         "a HEAD saying 1 TiB evicted good blobs"
     );
-    assert_eq!(core.cache().size_of(&sha_c), Some(100_000));
-    assert_eq!(core.cache().size_of(&sha_d), Some(100_000));
 }
 
 /// Case 4: a cached blob whose size this process does not know, announced wrongly by
@@ -576,6 +581,118 @@ fn many_processes_read_through_a_small_cache_passthrough() {
 #[test]
 fn many_processes_read_through_a_small_cache_no_passthrough() {
     many_processes_read_through_a_small_cache(&["--no-passthrough"]);
+}
+
+/// A self-describing version of an entry: `lines` lines `NAME vVERSION INDEX`, so that a
+/// reader can tell a whole version from a mix of versions, a truncation or a shift.
+fn version_bytes(name: &str, version: u32, lines: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(lines * (name.len() + 16));
+    for i in 0..lines {
+        out.extend_from_slice(format!("{name} v{version:04} {i:08}\n").as_bytes());
+    }
+    out
+}
+
+/// The acceptance's read stress: 32 processes × 20 reads of 2 MB and 200 KB entries
+/// through a 5 MB cache, while another client republishes every name (ten new versions,
+/// `--dir-ttl 1`) and `shacachefs fsck` runs on the cache: every read is one whole
+/// version of the entry it opened, and no open fails.
+fn many_processes_read_while_republished(extra: &[&str]) {
+    let p = Published::start();
+    let names: Vec<(String, usize)> = (0..3)
+        .map(|i| (format!("big{i}.bin"), 100_000))
+        .chain((0..5).map(|i| (format!("small{i}.bin"), 10_000)))
+        .collect();
+    for (name, lines) in &names {
+        p.publish("moving", name, &version_bytes(name, 0, *lines));
+    }
+    let cache = p.path("cache");
+    let mut args = vec!["--cache-size", "5M", "--dir-ttl", "1"];
+    args.extend_from_slice(extra);
+    let mut m = Mount::start(&p.config(), &cache, &p.path("mnt"), &args);
+    // Each read: the file must be `lines` lines of one version of its name, in order.
+    let check = r#"awk -v n="$f" -v want="$2" '{ if (NR == 1) v = $2; if ($1 != n || $2 != v || $3 + 0 != NR - 1) bad = 1 } END { if (bad || NR != want) exit 1 }'"#;
+    let mut readers = Vec::new();
+    for proc_no in 0..32usize {
+        let list: Vec<String> = (0..20)
+            .map(|round| {
+                let (name, lines) = &names[(proc_no * 7 + round * 3) % names.len()];
+                format!("{name}:{lines}")
+            })
+            .collect();
+        let script = format!(
+            "for item in {}; do f=${{item%%:*}}; set -- \"$1\" ${{item#*:}}; \
+             {check} \"$1/moving/$f\" || echo \"FAILED $f\"; done",
+            list.join(" ")
+        );
+        let out = p.path(&format!("mover{proc_no}.out"));
+        let child = Command::new("sh")
+            .args(["-c", &script, "reader"])
+            .arg(m.path(""))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
+            .spawn()
+            .expect("a reader process");
+        readers.push((child, out));
+    }
+    // Another client republishes every name meanwhile (bounded: ten versions).
+    let (cache_url, dir_url) = (p.server.cache_url(), p.server.dir_url());
+    let publishing_names = names.clone();
+    let publisher = std::thread::spawn(move || {
+        let client = mount_util::publisher(&cache_url, &dir_url, mount_util::Who::A);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for version in 1..=10u32 {
+            for (name, lines) in &publishing_names {
+                rt.block_on(mount_util::publish(
+                    &client,
+                    "moving",
+                    &version_bytes(name, version, *lines),
+                    json!({ "file": name }),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    for _ in 0..3 {
+        let mut c = Command::new(shacachefs_bin());
+        without_proxy(&mut c)
+            .args(["fsck", "--cache-dir"])
+            .arg(&cache);
+        let out = run_with_timeout(c, Duration::from_secs(120));
+        assert!(out.success(), "fsck: {}", out.describe());
+    }
+    publisher.join().expect("the publishing thread");
+    let mut failures = Vec::new();
+    for (mut child, out) in readers {
+        let status = wait_within(&mut child, Duration::from_secs(300));
+        let text = std::fs::read_to_string(&out).unwrap_or_default()
+            + &std::fs::read_to_string(out.with_extension("err")).unwrap_or_default();
+        if !status.is_some_and(|s| s.success()) || !text.trim().is_empty() {
+            failures.push(format!("{}: {status:?}: {text}", out.display()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} readers failed:\n{}\n--- daemon log (tail) ---\n{}",
+        failures.len(),
+        failures.join("\n"),
+        tail(&m.log_text(), 40)
+    );
+    m.unmount();
+}
+
+#[test]
+fn many_processes_read_while_republished_passthrough() {
+    many_processes_read_while_republished(&[]);
+}
+
+#[test]
+fn many_processes_read_while_republished_no_passthrough() {
+    many_processes_read_while_republished(&["--no-passthrough"]);
 }
 
 /// A `shacachefs mount -f` started under `prlimit --nofile=SOFT:HARD`; unmounted and

@@ -86,7 +86,7 @@ impl Reservation {
     /// is reserved, growing by up to [`RESERVE_STEP`] ahead (less when `hint`, the
     /// size a server announced, says the blob ends sooner; a hint is never reserved
     /// beyond that step). `NoSpace` when the file system cannot hold `to` bytes even
-    /// after evicting every closed blob.
+    /// after evicting every closed blob; past the announced size, without evicting any.
     pub fn ensure(&mut self, have: u64, to: u64, hint: Option<u64>) -> Result<(), CacheError> {
         if to <= self.reserved {
             return Ok(());
@@ -95,6 +95,10 @@ impl Reservation {
             Some(h) if h >= to => (h - to).min(RESERVE_STEP),
             _ => RESERVE_STEP,
         };
+        // Past the size the server announced, the announcement was wrong: such bytes
+        // take free space only, never a cached blob's place. (A body whose size was
+        // not announced at all may use the room of closed blobs.)
+        let evict = hint.is_none_or(|h| to <= h);
         let target = to.saturating_add(ahead);
         let have = have.min(to);
         let store = Arc::clone(&self.store);
@@ -104,11 +108,11 @@ impl Reservation {
         // Every byte this download may write before it asks again is checked against
         // the free space (less what the others may still write); when the step ahead
         // does not fit, only the bytes at hand are asked for.
-        let mut result = store.make_room(&mut ix, target, target - have);
+        let mut result = store.make_room(&mut ix, target, target - have, evict);
         let mut target = target;
         if result.is_err() {
             target = to;
-            result = store.make_room(&mut ix, target, target - have);
+            result = store.make_room(&mut ix, target, target - have, evict);
         }
         match result {
             Ok(()) => {
@@ -519,22 +523,39 @@ impl BlobStore {
         };
         if bytes > 0 {
             let mut ix = self.lock();
-            self.make_room(&mut ix, bytes, bytes)?;
+            self.make_room(&mut ix, bytes, bytes, true)?;
             ix.rereserve((0, 0), (bytes, bytes));
             r.reserved = bytes;
         }
         Ok(r)
     }
 
+    /// `NoSpace` when `bytes` could not fit even after evicting every closed blob (the
+    /// free space, less what downloads in flight still have to write, plus the closed
+    /// blobs). Evicts nothing.
+    pub(crate) fn could_hold(&self, bytes: u64) -> Result<(), CacheError> {
+        let ix = self.lock();
+        let free = free_bytes(&self.fs_probe).map_err(|e| io_err(&self.fs_probe, e))?;
+        let room = free
+            .saturating_sub(ix.reserved().1)
+            .saturating_add(ix.evictable_bytes(None));
+        if room < bytes {
+            return Err(CacheError::NoSpace { needed: bytes });
+        }
+        Ok(())
+    }
+
     /// Evicts unpinned blobs so that the blobs, the other reservations and `limit_bytes`
     /// more fit within the limit, then makes sure the file system has `disk_bytes`
     /// free beyond what the other reservations still have to write, evicting more if
     /// that helps. The caller's own reservation is not in the index's books meanwhile.
+    /// Without `evict`, only checks the free space.
     fn make_room(
         &self,
         ix: &mut LruIndex,
         limit_bytes: u64,
         disk_bytes: u64,
+        evict: bool,
     ) -> Result<(), CacheError> {
         let probe = &self.fs_probe;
         let (others, unwritten) = ix.reserved();
@@ -543,6 +564,12 @@ impl BlobStore {
                 .map_err(|e| io_err(probe, e))?
                 .saturating_sub(unwritten))
         };
+        if !evict {
+            return match free()? >= disk_bytes {
+                true => Ok(()),
+                false => Err(CacheError::NoSpace { needed: disk_bytes }),
+            };
+        }
         // Hopeless requests must not empty the cache on their way to failing.
         if free()?.saturating_add(ix.evictable_bytes(None)) < disk_bytes {
             return Err(CacheError::NoSpace { needed: disk_bytes });

@@ -395,6 +395,14 @@ impl Cache {
         self.blobs.reserve(bytes)
     }
 
+    /// Whether a blob of `bytes` could be cached at all (after evicting every closed
+    /// blob); `NoSpace` if not. Evicts nothing: a download announced larger than the
+    /// disk is refused at once, without emptying the cache for it. (An announced size is
+    /// only ever used this way, to refuse; room is reserved as bytes arrive.)
+    pub fn could_hold(&self, bytes: u64) -> Result<(), CacheError> {
+        self.blobs.could_hold(bytes)
+    }
+
     /// (bytes used by blobs, limit, number of blobs)
     pub fn usage(&self) -> (u64, u64, usize) {
         self.blobs.usage()

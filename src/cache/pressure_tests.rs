@@ -130,6 +130,26 @@ fn an_announced_size_is_never_reserved_whole() {
     }
 }
 
+/// Case 4 of issue 11: bytes past the size a server announced (it lied small) take free
+/// space only, never a cached blob's place.
+#[test]
+fn bytes_past_an_announced_size_evict_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 100);
+    let a = put(&cache, &[b'a'; 30]);
+    let b = put(&cache, &[b'b'; 30]);
+    let mut r = cache.reserve(0).unwrap();
+    r.ensure(0, 10, Some(10)).unwrap();
+    r.ensure(10, 80, Some(10)).unwrap();
+    assert!(r.bytes() >= 80);
+    assert!(cache.blob_path(&a).exists() && cache.blob_path(&b).exists());
+    // Within an announcement (or without one) the limit evicts as usual.
+    drop(r);
+    let mut r = cache.reserve(0).unwrap();
+    r.ensure(0, 80, None).unwrap();
+    assert!(!cache.blob_path(&a).exists());
+}
+
 /// Case 4 of issue 11: a recorded size that disagrees with a blob that verifies (a
 /// server announced it wrongly) is corrected, and the blob kept; a blob that does not
 /// verify is removed.

@@ -621,8 +621,16 @@ impl Core {
             return Ok(h);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-        let reservation = Mutex::new(self.cache.reserve(0)?);
         let hint = self.cache.size_of(sha);
+        if let Some(n) = hint {
+            // Refused at once when announced larger than the cache could ever hold:
+            // nothing evicted, nothing downloaded.
+            if let Err(e) = self.cache.could_hold(n) {
+                tracing::error!("{what}: cannot make room for {n} bytes in the cache: {e}");
+                return Err(e.into());
+            }
+        }
+        let reservation = Mutex::new(self.cache.reserve(0)?);
         let room = |have: u64, to: u64| room_in(&reservation, have, to, hint);
         self.stats
             .downloads_in_flight
