@@ -14,6 +14,13 @@
 //! - The blob just inserted is spared by the eviction that its insertion triggers, so a
 //!   blob larger than the whole limit can still be opened; it is evicted by the next
 //!   eviction once no pin holds it (a pin drop runs one).
+//! - A downloaded blob is pinned in the same locked step that names it
+//!   ([`BlobStore::insert_and_pin`]): no other thread's eviction can take it before its
+//!   opener holds it.
+//! - The open handles of one blob share one descriptor (kept weakly in the index).
+//! - Downloads reserve room as their bytes arrive ([`Reservation`]), never from a size
+//!   a server announced; every reservation in flight counts against the limit and
+//!   against the free space, so concurrent downloads evict for each other.
 
 use super::disk::{free_bytes, remove_entry, PROTECTED};
 use super::index::LruIndex;
@@ -23,8 +30,8 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How stale a cached blob's mtime (its recency across restarts) may get before an
 /// open stamps it again.
@@ -36,6 +43,117 @@ pub(crate) struct BlobStore {
     fs_probe: PathBuf,
     max_bytes: u64,
     index: Mutex<LruIndex>,
+    syncs: Arc<Syncs>,
+}
+
+/// The background fsyncs of blobs not yet done (see [`BlobStore::insert`]).
+#[derive(Default)]
+struct Syncs {
+    pending: Mutex<usize>,
+    done: Condvar,
+    /// Tests: how long each background fsync waits before it starts.
+    #[cfg(test)]
+    delay: Mutex<Duration>,
+}
+
+impl Syncs {
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Room held in the cache for a download in flight: `reserved` bytes counted against
+/// the limit and, of them, those not written yet against the free space. Grown by
+/// [`Reservation::ensure`] as the bytes arrive; given back when dropped or when the
+/// download enters the cache.
+pub struct Reservation {
+    store: Arc<BlobStore>,
+    reserved: u64,
+    /// Bytes of the download known to be written when the reservation last grew.
+    written: u64,
+}
+
+/// How far ahead of the bytes received a reservation grows.
+const RESERVE_STEP: u64 = 1 << 20;
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.reserved
+    }
+
+    /// The download holds `have` bytes and is about to hold `to`: makes sure that much
+    /// is reserved, growing by up to [`RESERVE_STEP`] ahead (less when `hint`, the
+    /// size a server announced, says the blob ends sooner; a hint is never reserved
+    /// beyond that step). `NoSpace` when the file system cannot hold `to` bytes even
+    /// after evicting every closed blob; past the announced size, without evicting any.
+    pub fn ensure(&mut self, have: u64, to: u64, hint: Option<u64>) -> Result<(), CacheError> {
+        if to <= self.reserved {
+            return Ok(());
+        }
+        let ahead = match hint {
+            Some(h) if h >= to => (h - to).min(RESERVE_STEP),
+            _ => RESERVE_STEP,
+        };
+        // Past the size the server announced, the announcement was wrong: such bytes
+        // take free space only, never a cached blob's place. (A body whose size was
+        // not announced at all may use the room of closed blobs.)
+        let evict = hint.is_none_or(|h| to <= h);
+        let target = to.saturating_add(ahead);
+        let have = have.min(to);
+        let store = Arc::clone(&self.store);
+        let mut ix = store.lock();
+        let held = (self.reserved, self.reserved.saturating_sub(self.written));
+        ix.rereserve(held, (0, 0));
+        // Every byte this download may write before it asks again is checked against
+        // the free space (less what the others may still write); when the step ahead
+        // does not fit, only the bytes at hand are asked for.
+        let mut result = store.make_room(&mut ix, target, target - have, evict);
+        let mut target = target;
+        if result.is_err() {
+            target = to;
+            result = store.make_room(&mut ix, target, target - have, evict);
+        }
+        match result {
+            Ok(()) => {
+                ix.rereserve((0, 0), (target, target - have));
+                self.reserved = target;
+                self.written = have;
+                Ok(())
+            }
+            Err(e) => {
+                ix.rereserve((0, 0), held);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives the reservation back, under a lock the caller holds.
+    fn release(&mut self, ix: &mut LruIndex) {
+        let held = (self.reserved, self.reserved.saturating_sub(self.written));
+        ix.rereserve(held, (0, 0));
+        self.reserved = 0;
+        self.written = 0;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.reserved > 0 {
+            let store = Arc::clone(&self.store);
+            let mut ix = store.lock();
+            self.release(&mut ix);
+        }
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("reserved", &self.reserved)
+            .field("written", &self.written)
+            .finish()
+    }
 }
 
 /// A blob file found by a scan.
@@ -132,6 +250,7 @@ impl BlobStore {
             fs_probe,
             max_bytes,
             index: Mutex::new(index),
+            syncs: Arc::new(Syncs::default()),
         };
         let mut ix = store.lock();
         store.evict(&mut ix, None);
@@ -139,7 +258,7 @@ impl BlobStore {
         Ok(store)
     }
 
-    fn lock(&self) -> MutexGuard<'_, LruIndex> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, LruIndex> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -149,17 +268,19 @@ impl BlobStore {
     }
 
     /// Unlinks least recently used unpinned blobs (sparing `keep`) while over the limit.
+    /// The downloads in flight count against the limit: their blobs are coming.
     fn evict(&self, ix: &mut LruIndex, keep: Option<&Sha512>) {
-        while let Some((sha, size)) = ix.pop_victim(self.max_bytes, keep) {
+        let budget = self.max_bytes.saturating_sub(ix.reserved().0);
+        while let Some((sha, size)) = ix.pop_victim(budget, keep) {
             tracing::debug!(sha = %sha.short(16), size, "evicting blob");
             unlink(&self.path_of(&sha));
         }
     }
 
-    /// Whether a found length is acceptable: the size the index knew (if any) and the
-    /// recorded true size (if any) must both agree.
-    fn length_ok(ix: &LruIndex, sha: &Sha512, len: u64, expected: Option<u64>) -> bool {
-        ix.peek(sha).is_none_or(|n| n == len) && expected.is_none_or(|n| n == len)
+    /// Whether a found length agrees with the size the index knew (if any). The size a
+    /// server announced is not checked here: see [`super::Cache::open_blob`].
+    fn length_ok(ix: &LruIndex, sha: &Sha512, len: u64) -> bool {
+        ix.peek(sha).is_none_or(|n| n == len)
     }
 
     fn discard(&self, ix: &mut LruIndex, sha: &Sha512, why: &str) {
@@ -168,14 +289,14 @@ impl BlobStore {
         unlink(&self.path_of(sha));
     }
 
-    /// The size of a present blob (marked used). `expected` is the recorded true size.
-    pub(crate) fn lookup(&self, sha: &Sha512, expected: Option<u64>) -> Option<u64> {
+    /// The size of a present blob (marked used).
+    pub(crate) fn lookup(&self, sha: &Sha512) -> Option<u64> {
         let path = self.path_of(sha);
         let mut ix = self.lock();
         match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => {
                 let len = meta.len();
-                if !Self::length_ok(&ix, sha, len, expected) {
+                if !Self::length_ok(&ix, sha, len) {
                     self.discard(&mut ix, sha, "wrong length");
                     return None;
                 }
@@ -195,55 +316,156 @@ impl BlobStore {
         }
     }
 
+    /// Names a verified file under its hash, under the index lock the caller holds (an
+    /// existing copy of the right length is kept), and opens it. Returns the size and
+    /// the open file.
+    fn place(&self, ix: &mut LruIndex, file: VerifiedFile) -> Result<(u64, File), CacheError> {
+        let sha = file.sha();
+        let len = file.len();
+        let dest = self.path_of(&sha);
+        let existing = fs::symlink_metadata(&dest).ok().filter(|m| m.is_file());
+        if existing.is_some_and(|m| m.len() == len) {
+            if let Ok(f) = File::open(&dest) {
+                return Ok((len, f));
+            }
+        }
+        // Opened before the rename: the descriptor is this very file whatever another
+        // process does to the name afterwards.
+        let opened = File::open(file.path()).map_err(|e| io_err(file.path(), e))?;
+        file.persist(&dest).map_err(|e| io_err(&dest, e))?;
+        ix.clear_shared_file(&sha);
+        // Durable in the background: an fsync before the rename costs as much as a
+        // third of a cold read. Until it lands only a machine crash (not a process
+        // crash) can leave a blob with unwritten bytes, and the cache re-hashes the
+        // blobs of a session that did not end cleanly when it is next opened
+        // (`Cache::open`), which `Cache::close` leaves in place when these syncs do not
+        // end in time.
+        self.sync_in_background(dest);
+        Ok((len, opened))
+    }
+
+    fn sync_in_background(&self, path: PathBuf) {
+        let syncs = Arc::clone(&self.syncs);
+        *syncs.lock() += 1;
+        std::thread::spawn(move || {
+            #[cfg(test)]
+            {
+                let delay = *syncs.delay.lock().unwrap_or_else(|e| e.into_inner());
+                std::thread::sleep(delay);
+            }
+            let _ = File::open(&path).and_then(|f| f.sync_all());
+            let mut pending = syncs.lock();
+            *pending -= 1;
+            if *pending == 0 {
+                syncs.done.notify_all();
+            }
+        });
+    }
+
+    /// Waits at most `limit` for the background fsyncs started so far; true when none
+    /// is left.
+    pub(crate) fn wait_for_syncs(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut pending = self.syncs.lock();
+        while *pending > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            pending = self
+                .syncs
+                .done
+                .wait_timeout(pending, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_sync_delay(&self, delay: Duration) {
+        *self.syncs.delay.lock().unwrap_or_else(|e| e.into_inner()) = delay;
+    }
+
     /// Moves a verified file into place (an existing copy of the right length is kept)
     /// and evicts others if needed. Returns the size.
     pub(crate) fn insert(&self, file: VerifiedFile) -> Result<u64, CacheError> {
         let sha = file.sha();
-        let len = file.len();
         let dest = self.path_of(&sha);
         let shard = dest.parent().unwrap_or(&self.root);
         fs::create_dir_all(shard).map_err(|e| io_err(shard, e))?;
         let mut ix = self.lock();
-        let existing = fs::symlink_metadata(&dest).ok().filter(|m| m.is_file());
-        if existing.is_some_and(|m| m.len() == len) {
-            drop(file);
-        } else {
-            file.persist(&dest).map_err(|e| io_err(&dest, e))?;
-            // Durable in the background: an fsync before the rename costs as much as a
-            // third of a cold read. Until it lands only a machine crash (not a process
-            // crash) can leave a blob with unwritten bytes, and the cache re-hashes the
-            // blobs of a session that did not end cleanly when it is next opened
-            // (`Cache::open`).
-            let synced = dest.clone();
-            std::thread::spawn(move || {
-                let _ = File::open(&synced).and_then(|f| f.sync_all());
-            });
-        }
+        let (len, _) = self.place(&mut ix, file)?;
         ix.insert(sha, len);
         ix.touch(&sha);
         self.evict(&mut ix, Some(&sha));
         Ok(len)
     }
 
-    /// Opens and pins a blob; `None` when missing or of the wrong length (removed).
+    /// [`BlobStore::insert`], and the blob opened and pinned in the same locked step,
+    /// so that no eviction can come in between; the download's reservation (if any) is
+    /// given back in that step too.
+    pub(crate) fn insert_and_pin(
+        self: &Arc<Self>,
+        file: VerifiedFile,
+        reservation: Option<Reservation>,
+    ) -> Result<(Arc<File>, u64, BlobPin), CacheError> {
+        let sha = file.sha();
+        let dest = self.path_of(&sha);
+        let shard = dest.parent().unwrap_or(&self.root);
+        fs::create_dir_all(shard).map_err(|e| io_err(shard, e))?;
+        let mut ix = self.lock();
+        if let Some(mut r) = reservation {
+            r.release(&mut ix);
+        }
+        let (len, opened) = self.place(&mut ix, file)?;
+        if ix.peek(&sha).is_some_and(|n| n != len) {
+            // The index knew another length: that file is gone now.
+            ix.remove(&sha);
+        }
+        ix.insert(sha, len);
+        ix.touch(&sha);
+        let file = match ix.shared_file(&sha) {
+            Some(f) => f,
+            None => {
+                let f = Arc::new(opened);
+                ix.set_shared_file(&sha, &f);
+                f
+            }
+        };
+        let generation = ix.pin(&sha).expect("the blob was just inserted");
+        self.evict(&mut ix, Some(&sha));
+        drop(ix);
+        let pin = BlobPin {
+            store: Arc::clone(self),
+            sha,
+            generation,
+        };
+        Ok((file, len, pin))
+    }
+
+    /// Opens and pins a blob; `None` when missing or of a length other than the one
+    /// the index knew (removed). The handles of one blob share one descriptor.
     pub(crate) fn open_blob(
         self: &Arc<Self>,
         sha: &Sha512,
-        expected: Option<u64>,
-    ) -> Result<Option<(File, u64, BlobPin)>, CacheError> {
+    ) -> Result<Option<(Arc<File>, u64, BlobPin)>, CacheError> {
         let path = self.path_of(sha);
         let mut ix = self.lock();
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                ix.remove(sha);
-                return Ok(None);
-            }
-            Err(e) => return Err(io_err(&path, e)),
+        let (file, fresh) = match ix.shared_file(sha) {
+            Some(f) => (f, false),
+            None => match File::open(&path) {
+                Ok(f) => (Arc::new(f), true),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    ix.remove(sha);
+                    return Ok(None);
+                }
+                Err(e) => return Err(io_err(&path, e)),
+            },
         };
         let meta = file.metadata().map_err(|e| io_err(&path, e))?;
         let len = meta.len();
-        if !meta.is_file() || !Self::length_ok(&ix, sha, len, expected) {
+        if !meta.is_file() || !Self::length_ok(&ix, sha, len) {
             self.discard(&mut ix, sha, "wrong length or not a file");
             return Ok(None);
         }
@@ -253,6 +475,9 @@ impl BlobStore {
         let Some(generation) = ix.pin(sha) else {
             return Ok(None); // unreachable: just inserted
         };
+        if fresh {
+            ix.set_shared_file(sha, &file);
+        }
         self.evict(&mut ix, Some(sha));
         drop(ix);
         // Recency survives a restart through the mtime (atime is often not updated),
@@ -287,27 +512,83 @@ impl BlobStore {
         unlink(&self.path_of(sha));
     }
 
-    /// Evicts unpinned blobs to make room for `bytes` within the limit, then makes sure
-    /// the file system itself has `bytes` free, evicting more if that helps.
-    pub(crate) fn reserve(&self, bytes: u64) -> Result<(), CacheError> {
-        let mut ix = self.lock();
-        let probe = &self.fs_probe;
-        let free = free_bytes(probe).map_err(|e| io_err(probe, e))?;
-        // Hopeless requests must not empty the cache on their way to failing.
-        if free.saturating_add(ix.evictable_bytes(None)) < bytes {
+    /// A reservation of `bytes` for a download (see [`Reservation`]); `NoSpace` when the
+    /// file system cannot hold them even after evicting every closed blob. Most callers
+    /// start from 0 and let [`Reservation::ensure`] grow it as bytes arrive.
+    pub(crate) fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, CacheError> {
+        let mut r = Reservation {
+            store: Arc::clone(self),
+            reserved: 0,
+            written: 0,
+        };
+        if bytes > 0 {
+            let mut ix = self.lock();
+            self.make_room(&mut ix, bytes, bytes, true)?;
+            ix.rereserve((0, 0), (bytes, bytes));
+            r.reserved = bytes;
+        }
+        Ok(r)
+    }
+
+    /// `NoSpace` when `bytes` could not fit even after evicting every closed blob (the
+    /// free space, less what downloads in flight still have to write, plus the closed
+    /// blobs). Evicts nothing.
+    pub(crate) fn could_hold(&self, bytes: u64) -> Result<(), CacheError> {
+        let ix = self.lock();
+        let free = free_bytes(&self.fs_probe).map_err(|e| io_err(&self.fs_probe, e))?;
+        let room = free
+            .saturating_sub(ix.reserved().1)
+            .saturating_add(ix.evictable_bytes(None));
+        if room < bytes {
             return Err(CacheError::NoSpace { needed: bytes });
         }
-        while let Some((sha, _)) = ix.pop_victim(self.max_bytes.saturating_sub(bytes), None) {
+        Ok(())
+    }
+
+    /// Evicts unpinned blobs so that the blobs, the other reservations and `limit_bytes`
+    /// more fit within the limit, then makes sure the file system has `disk_bytes`
+    /// free beyond what the other reservations still have to write, evicting more if
+    /// that helps. The caller's own reservation is not in the index's books meanwhile.
+    /// Without `evict`, only checks the free space.
+    fn make_room(
+        &self,
+        ix: &mut LruIndex,
+        limit_bytes: u64,
+        disk_bytes: u64,
+        evict: bool,
+    ) -> Result<(), CacheError> {
+        let probe = &self.fs_probe;
+        let (others, unwritten) = ix.reserved();
+        let free = || -> Result<u64, CacheError> {
+            Ok(free_bytes(probe)
+                .map_err(|e| io_err(probe, e))?
+                .saturating_sub(unwritten))
+        };
+        if !evict {
+            return match free()? >= disk_bytes {
+                true => Ok(()),
+                false => Err(CacheError::NoSpace { needed: disk_bytes }),
+            };
+        }
+        // Hopeless requests must not empty the cache on their way to failing.
+        if free()?.saturating_add(ix.evictable_bytes(None)) < disk_bytes {
+            return Err(CacheError::NoSpace { needed: disk_bytes });
+        }
+        let budget = self
+            .max_bytes
+            .saturating_sub(others)
+            .saturating_sub(limit_bytes);
+        while let Some((sha, _)) = ix.pop_victim(budget, None) {
             unlink(&self.path_of(&sha));
         }
         // Bounded by the number of blobs: each round forgets one.
         loop {
-            if free_bytes(probe).map_err(|e| io_err(probe, e))? >= bytes {
+            if free()? >= disk_bytes {
                 return Ok(());
             }
             match ix.pop_any_victim(None) {
                 Some((sha, _)) => unlink(&self.path_of(&sha)),
-                None => return Err(CacheError::NoSpace { needed: bytes }),
+                None => return Err(CacheError::NoSpace { needed: disk_bytes }),
             }
         }
     }

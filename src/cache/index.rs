@@ -6,15 +6,26 @@
 //!
 //! Pins carry a generation: a blob removed and cached again while an old pin is still
 //! alive gets a new generation, so dropping the old pin cannot unpin the new copy.
+//!
+//! A blob's slot also remembers (weakly) the one descriptor its open handles share, so
+//! a thousand opens of one blob cost the process one descriptor; it dies with the last
+//! handle, and with the slot (a blob removed and cached again gets a new descriptor).
+//!
+//! Downloads in flight hold reservations: `reserved` bytes counted against the limit
+//! before their blob is in the index, of which `unwritten` are not on the disk yet
+//! (so a `statvfs` does not see them taken).
 
 use crate::digest::Sha512;
 use lru::LruCache;
+use std::fs::File;
+use std::sync::{Arc, Weak};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Slot {
     size: u64,
     pins: u32,
     generation: u64,
+    file: Weak<File>,
 }
 
 /// Blobs by recency (least recently used first out), with their sizes and pin counts.
@@ -22,6 +33,10 @@ pub(crate) struct LruIndex {
     order: LruCache<Sha512, Slot>,
     total: u64,
     next_generation: u64,
+    /// Bytes reserved by downloads in flight (see [`LruIndex::reserved`]).
+    reserved: u64,
+    /// Of `reserved`, the bytes not yet written to the disk.
+    unwritten: u64,
 }
 
 impl LruIndex {
@@ -30,6 +45,39 @@ impl LruIndex {
             order: LruCache::unbounded(),
             total: 0,
             next_generation: 1,
+            reserved: 0,
+            unwritten: 0,
+        }
+    }
+
+    /// Bytes reserved by downloads in flight, and of those the ones not yet on disk.
+    pub(crate) fn reserved(&self) -> (u64, u64) {
+        (self.reserved, self.unwritten)
+    }
+
+    /// Changes a download's reservation from (`old_reserved`, `old_unwritten`) to
+    /// (`new_reserved`, `new_unwritten`).
+    pub(crate) fn rereserve(&mut self, old: (u64, u64), new: (u64, u64)) {
+        self.reserved = self.reserved - old.0 + new.0;
+        self.unwritten = self.unwritten - old.1 + new.1;
+    }
+
+    /// The descriptor the open handles of `sha` share, if any is still open.
+    pub(crate) fn shared_file(&self, sha: &Sha512) -> Option<Arc<File>> {
+        self.order.peek(sha).and_then(|s| s.file.upgrade())
+    }
+
+    /// Forgets the shared descriptor of `sha` (its file was replaced).
+    pub(crate) fn clear_shared_file(&mut self, sha: &Sha512) {
+        if let Some(slot) = self.order.peek_mut(sha) {
+            slot.file = Weak::new();
+        }
+    }
+
+    /// Remembers the descriptor new handles of `sha` share.
+    pub(crate) fn set_shared_file(&mut self, sha: &Sha512, file: &Arc<File>) {
+        if let Some(slot) = self.order.peek_mut(sha) {
+            slot.file = Arc::downgrade(file);
         }
     }
 
@@ -49,6 +97,7 @@ impl LruIndex {
                 size,
                 pins: 0,
                 generation,
+                file: Weak::new(),
             },
         );
         self.total += size;

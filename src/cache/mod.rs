@@ -30,10 +30,13 @@ mod index;
 mod tables;
 
 #[cfg(test)]
+mod pressure_tests;
+#[cfg(test)]
 mod tests;
 
 use crate::digest::{Sha512, VerifiedFile};
 use blobs::BlobStore;
+pub use blobs::Reservation;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +45,10 @@ use tables::Tables;
 
 /// Present while a session uses the cache; removed by [`Cache::close`].
 const UNCLEAN_MARKER: &str = "unclean";
+
+/// How long [`Cache::close`] waits for the background fsyncs of new blobs before it
+/// leaves the `unclean` marker in place instead.
+const SYNC_WAIT: Duration = Duration::from_secs(20);
 
 /// The layout version this code reads and writes (`DIR/layout`).
 pub const LAYOUT_VERSION: u32 = 1;
@@ -89,6 +96,21 @@ impl BlobPin {
     /// The pinned blob.
     pub fn sha(&self) -> Sha512 {
         self.sha
+    }
+}
+
+/// `Read` over a file by positioned reads (a shared descriptor's offset is left alone).
+struct ReadAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl std::io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
     }
 }
 
@@ -228,8 +250,23 @@ impl Cache {
 
     /// Ends a session cleanly: saves the tables and, when no other process uses the
     /// cache, removes the marker that makes the next open re-check recent blobs.
+    /// The marker stays when the background fsyncs of the blobs this session wrote
+    /// do not end within [`SYNC_WAIT`]: the next open then re-checks them.
     pub fn close(&self) -> Result<(), CacheError> {
         self.flush()?;
+        self.close_within(SYNC_WAIT);
+        Ok(())
+    }
+
+    fn close_within(&self, sync_wait: Duration) {
+        if !self.blobs.wait_for_syncs(sync_wait) {
+            tracing::warn!(
+                "cache {}: blobs still being written to disk after {sync_wait:?}; the next \
+                 session will re-check them",
+                self.dir.display()
+            );
+            return;
+        }
         if self._lock.try_exclusive() {
             let _ = std::fs::remove_file(
                 self.dir
@@ -237,7 +274,6 @@ impl Cache {
                     .join(UNCLEAN_MARKER),
             );
         }
-        Ok(())
     }
 
     /// The cache directory given at open.
@@ -255,10 +291,10 @@ impl Cache {
         self.blobs.path_of(sha)
     }
 
-    /// The size of a cached blob, if present (and marks it recently used). A file of
-    /// the wrong length is removed and is a miss.
+    /// The size of a cached blob, if present (and marks it recently used). A file of a
+    /// length other than the one this process knew is removed and is a miss.
     pub fn lookup_blob(&self, sha: &Sha512) -> Option<u64> {
-        self.blobs.lookup(sha, self.tables.size_of(sha))
+        self.blobs.lookup(sha)
     }
 
     /// Moves a verified download into the cache; returns its size. The new blob is not
@@ -270,21 +306,79 @@ impl Cache {
         Ok(len)
     }
 
-    /// [`Cache::insert_blob`] then [`Cache::open_blob`], for a caller that reads what it
-    /// just downloaded. `None` only if another process removed the blob in between.
+    /// [`Cache::insert_blob`] and [`Cache::open_blob`] in one step: the blob is pinned
+    /// from the moment it is named in the cache, so no eviction can take it before the
+    /// caller holds it. The download's reservation is given back in that step. The
+    /// verified length becomes the recorded size.
     pub fn insert_and_open(
         &self,
         file: VerifiedFile,
-    ) -> Result<Option<(File, u64, BlobPin)>, CacheError> {
+        reservation: Option<Reservation>,
+    ) -> Result<(Arc<File>, u64, BlobPin), CacheError> {
         let sha = file.sha();
-        self.insert_blob(file)?;
-        self.open_blob(&sha)
+        let opened = self.blobs.insert_and_pin(file, reservation)?;
+        self.tables.record_size(&sha, opened.1);
+        Ok(opened)
     }
 
-    /// Opens a cached blob for reading and pins it; `None` when absent (or unreadable,
-    /// which removes it).
-    pub fn open_blob(&self, sha: &Sha512) -> Result<Option<(File, u64, BlobPin)>, CacheError> {
-        self.blobs.open_blob(sha, self.tables.size_of(sha))
+    /// Opens a cached blob for reading and pins it; `None` when absent (or of a length
+    /// other than the one this process knew, which removes it). The handles of one
+    /// blob share one descriptor. Never hashes: a blob whose length disagrees with the
+    /// recorded size (which may come from a server's announcement) is a `None` here,
+    /// left in place for [`Cache::open_blob_checked`].
+    pub fn open_blob(&self, sha: &Sha512) -> Result<Option<(Arc<File>, u64, BlobPin)>, CacheError> {
+        let Some(opened) = self.blobs.open_blob(sha)? else {
+            return Ok(None);
+        };
+        match self.tables.size_of(sha) {
+            Some(n) if n != opened.1 => Ok(None),
+            _ => Ok(Some(opened)),
+        }
+    }
+
+    /// [`Cache::open_blob`], settling a disagreement with the recorded size by hashing
+    /// the file: a file that matches its name is the truth (the recorded size, perhaps
+    /// a server's wrong announcement, is corrected); one that does not is removed. May
+    /// read the whole blob: not for a thread that must answer at once.
+    pub fn open_blob_checked(
+        &self,
+        sha: &Sha512,
+    ) -> Result<Option<(Arc<File>, u64, BlobPin)>, CacheError> {
+        let Some((file, len, pin)) = self.blobs.open_blob(sha)? else {
+            return Ok(None);
+        };
+        let recorded = self.tables.size_of(sha);
+        if recorded.is_none_or(|n| n == len) {
+            return Ok(Some((file, len, pin)));
+        }
+        let path = self.blobs.path_of(sha);
+        let hashed = Sha512::of_reader(ReadAt {
+            file: &file,
+            offset: 0,
+        });
+        match hashed {
+            Ok((actual, n)) if actual == *sha && n == len => {
+                tracing::warn!(
+                    "cache: blob {} is {len} bytes and verifies, not the {} bytes recorded \
+                     (announced by a server?): the verified size is kept",
+                    sha.short(16),
+                    recorded.unwrap_or_default()
+                );
+                self.tables.record_size(sha, len);
+                Ok(Some((file, len, pin)))
+            }
+            Ok(_) => {
+                tracing::warn!(
+                    "cache: blob {} does not match its name ({len} bytes, {} recorded), removing",
+                    sha.short(16),
+                    recorded.unwrap_or_default()
+                );
+                drop(pin);
+                self.blobs.remove(sha);
+                Ok(None)
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
     }
 
     /// Removes a blob (found wrong or unreadable).
@@ -292,10 +386,21 @@ impl Cache {
         self.blobs.remove(sha)
     }
 
-    /// Makes room for a download of `bytes` by evicting closed blobs; `NoSpace` when the
-    /// filesystem cannot hold it even then.
-    pub fn reserve(&self, bytes: u64) -> Result<(), CacheError> {
+    /// Holds room for a download of `bytes` (evicting closed blobs), counted with the
+    /// other downloads in flight until the returned reservation is dropped or given to
+    /// [`Cache::insert_and_open`]; `NoSpace` when the filesystem cannot hold it even
+    /// then. Downloads start from 0 and grow it with [`Reservation::ensure`] as bytes
+    /// arrive.
+    pub fn reserve(&self, bytes: u64) -> Result<Reservation, CacheError> {
         self.blobs.reserve(bytes)
+    }
+
+    /// Whether a blob of `bytes` could be cached at all (after evicting every closed
+    /// blob); `NoSpace` if not. Evicts nothing: a download announced larger than the
+    /// disk is refused at once, without emptying the cache for it. (An announced size is
+    /// only ever used this way, to refuse; room is reserved as bytes arrive.)
+    pub fn could_hold(&self, bytes: u64) -> Result<(), CacheError> {
+        self.blobs.could_hold(bytes)
     }
 
     /// (bytes used by blobs, limit, number of blobs)

@@ -31,9 +31,15 @@ fn put(cache: &Cache, bytes: &[u8]) -> Sha512 {
     Sha512::of(bytes)
 }
 
-fn read_all(mut f: File) -> Vec<u8> {
+/// The whole file by positioned reads (handles share one descriptor and its offset).
+fn read_all(f: impl std::ops::Deref<Target = File>) -> Vec<u8> {
     let mut out = Vec::new();
-    f.read_to_end(&mut out).unwrap();
+    ReadAt {
+        file: &f,
+        offset: 0,
+    }
+    .read_to_end(&mut out)
+    .unwrap();
     out
 }
 
@@ -211,10 +217,7 @@ fn pinned_blobs_stay_and_oversized_goes_when_unpinned() {
 
     // A blob bigger than the whole limit can be inserted and read.
     let big = vec![b'z'; 50];
-    let (file, len, pin_big) = cache
-        .insert_and_open(verified(&cache, &big))
-        .unwrap()
-        .unwrap();
+    let (file, len, pin_big) = cache.insert_and_open(verified(&cache, &big), None).unwrap();
     let z = pin_big.sha();
     assert_eq!(len, 50);
     assert_eq!(read_all(file), big);

@@ -153,6 +153,7 @@ async fn embedded() -> Result<(Config, RunningServer, String)> {
 
 /// Runs the mount. `notifier` is the detached child's pipe to the waiting parent.
 pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> {
+    raise_nofile_limit();
     let result = start(&mut args).await;
     let (session_parts, note) = match result {
         Ok(v) => v,
@@ -198,6 +199,42 @@ pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> 
 /// How long an unmounted daemon waits for publishes in flight before it exits (what
 /// is left stays pending in the outbox). Below systemd's default stop timeout (90 s).
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Raises the soft limit of open files to the hard one: every open file of the mount
+/// may hold a descriptor of the daemon (one per cached blob, shared by its handles; one
+/// per file being written), and the usual soft limit of 1024 is reached by ordinary
+/// builds. Logged either way.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the structure it is given or fails.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(
+            "cannot read the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        tracing::info!("open-file limit: {}", lim.rlim_cur);
+        return;
+    }
+    let old = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads the structure it is given; raising the soft limit up to
+    // the hard one needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        tracing::warn!(
+            "cannot raise the open-file limit from {old} to {}: {}",
+            lim.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    } else {
+        tracing::info!("open-file limit raised from {old} to {}", lim.rlim_max);
+    }
+}
 
 /// `--retry-uploads`: publishes pending files with a backoff from 15 s doubling to
 /// 15 min, for at most 12 rounds (about 2 h), then stops and says so.

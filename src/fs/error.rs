@@ -87,8 +87,34 @@ fn io_errno(e: &std::io::Error) -> i32 {
     // Errors wrapped by other crates (tempfile) keep their kind but not the raw code.
     match (e.raw_os_error(), e.kind()) {
         (Some(libc::ENOSPC) | Some(libc::EDQUOT), _) => libc::ENOSPC,
+        // Out of descriptors: the application sees it as such, and the log says so.
+        (Some(code @ (libc::EMFILE | libc::ENFILE)), _) => {
+            warn_descriptors(e);
+            code
+        }
         (_, std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) => libc::ENOSPC,
         _ => libc::EIO,
+    }
+}
+
+/// A warning that the daemon ran out of file descriptors, at most once per 10 s.
+fn warn_descriptors(e: &std::io::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + 10
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "out of file descriptors ({e}): opens fail until files are closed; raise the \
+             daemon's RLIMIT_NOFILE (LimitNOFILE= in its systemd unit)"
+        );
     }
 }
 
@@ -111,6 +137,15 @@ mod tests {
         assert_eq!(FsError::Remote(refused).errno(), libc::EACCES);
         let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
         assert_eq!(FsError::Io(full).errno(), libc::ENOSPC);
+        for code in [libc::EMFILE, libc::ENFILE] {
+            let out = std::io::Error::from_raw_os_error(code);
+            assert_eq!(FsError::Io(out).errno(), code);
+            let out = CacheError::Io {
+                path: "p".into(),
+                source: std::io::Error::from_raw_os_error(code),
+            };
+            assert_eq!(FsError::Cache(out).errno(), code);
+        }
         let timeout = RemoteError::Timeout {
             url: "u".into(),
             message: "m".into(),

@@ -139,9 +139,10 @@ enum KeyState {
 
 /// An open file.
 pub enum Handle {
-    /// A verified blob in the cache, pinned against eviction while open.
+    /// A verified blob in the cache, pinned against eviction while open. The handles
+    /// of one blob share its descriptor.
     Blob {
-        file: File,
+        file: Arc<File>,
         size: u64,
         _pin: BlobPin,
     },
@@ -155,7 +156,7 @@ impl Handle {
     /// The cache file, for FUSE passthrough.
     pub fn backing_file(&self) -> Option<&File> {
         match self {
-            Handle::Blob { file, .. } => Some(file),
+            Handle::Blob { file, .. } => Some(file.as_ref()),
             Handle::Memory(_) | Handle::Staged(_) => None,
         }
     }
@@ -673,10 +674,13 @@ impl Core {
         }
         let _permit = self.probes.acquire().await;
         self.stats.probes.fetch_add(1, Ordering::Relaxed);
+        // A server that answers the probe with the whole blob: bounded like a download.
+        let reservation = Mutex::new(self.cache.reserve(0)?);
+        let room = |have: u64, to: u64| room_in(&reservation, have, to, None);
         match self
             .client
             .remote
-            .probe_blob(sha, self.cache.tmp_dir())
+            .probe_blob_bounded(sha, self.cache.tmp_dir(), &room)
             .await?
         {
             Probe::Size(n) => {
@@ -718,32 +722,45 @@ impl Core {
 
     /// Opens a cached blob, downloading it first when needed: one download per blob
     /// however many openers wait (single flight). The downloaded blob is pinned as it
-    /// enters the cache, so eviction cannot take it before this open holds it.
+    /// enters the cache, so eviction cannot take it before this open holds it. Room in
+    /// the cache is reserved as the bytes arrive, never from a size a server announced.
     async fn cached_or_fetched(
         &self,
         sha: &Sha512,
         what: &str,
-    ) -> Result<(File, u64, BlobPin), FsError> {
+    ) -> Result<(Arc<File>, u64, BlobPin), FsError> {
         if let Some(h) = self.cache.open_blob(sha)? {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(h);
         }
         let _g = self.blob_locks.lock(sha).await;
-        if let Some(h) = self.cache.open_blob(sha)? {
+        // A blob whose length disagrees with a recorded (perhaps announced) size is
+        // hashed here: a good one is kept, whatever a server said.
+        let cache = Arc::clone(&self.cache);
+        let owned = *sha;
+        let checked = tokio::task::spawn_blocking(move || cache.open_blob_checked(&owned))
+            .await
+            .map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?;
+        if let Some(h) = checked? {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(h);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-        if let Some(n) = self.cache.size_of(sha) {
-            if let Err(e) = self.cache.reserve(n) {
+        let hint = self.cache.size_of(sha);
+        if let Some(n) = hint {
+            // Refused at once when announced larger than the cache could ever hold:
+            // nothing evicted, nothing downloaded.
+            if let Err(e) = self.cache.could_hold(n) {
                 tracing::error!("{what}: cannot make room for {n} bytes in the cache: {e}");
                 return Err(e.into());
             }
         }
+        let reservation = Mutex::new(self.cache.reserve(0)?);
+        let room = |have: u64, to: u64| room_in(&reservation, have, to, hint);
         self.stats
             .downloads_in_flight
             .fetch_add(1, Ordering::Relaxed);
-        let result = self.download(sha, what).await;
+        let result = self.download(sha, what, &room).await;
         self.stats
             .downloads_in_flight
             .fetch_sub(1, Ordering::Relaxed);
@@ -756,16 +773,17 @@ impl Core {
             );
         }
         self.cache.record_size(sha, n);
-        match self.cache.insert_and_open(verified)? {
-            Some(h) => Ok(h),
-            None => Err(FsError::Io(std::io::Error::other(
-                "blob vanished from the cache",
-            ))),
-        }
+        let reservation = reservation.into_inner().unwrap_or_else(|p| p.into_inner());
+        Ok(self.cache.insert_and_open(verified, Some(reservation))?)
     }
 
     /// Downloads and verifies a blob; a mismatch is fetched once more, then EIO.
-    async fn download(&self, sha: &Sha512, what: &str) -> Result<VerifiedFile, FsError> {
+    async fn download(
+        &self,
+        sha: &Sha512,
+        what: &str,
+        room: crate::remote::Room<'_>,
+    ) -> Result<VerifiedFile, FsError> {
         let started = Instant::now();
         let progress = |done: u64, total: Option<u64>| {
             tracing::trace!("{what}: {done}/{total:?} bytes");
@@ -775,7 +793,7 @@ impl Core {
             match self
                 .client
                 .remote
-                .fetch_blob(sha, self.cache.tmp_dir(), &progress)
+                .fetch_blob_bounded(sha, self.cache.tmp_dir(), &progress, room)
                 .await
             {
                 Ok(v) => {
@@ -1253,6 +1271,24 @@ impl Core {
 }
 
 /// Reads into `buf` from `offset` until it is full or the file ends; the bytes read.
+/// Grows a download's reservation (see [`crate::cache::Reservation::ensure`]); the
+/// cache's `NoSpace` becomes an `ENOSPC` I/O error, which ends the download.
+fn room_in(
+    reservation: &Mutex<crate::cache::Reservation>,
+    have: u64,
+    to: u64,
+    hint: Option<u64>,
+) -> std::io::Result<()> {
+    match lock(reservation).ensure(have, to, hint) {
+        Ok(()) => Ok(()),
+        Err(crate::cache::CacheError::Io { source, .. }) => Err(source),
+        Err(e) => Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            e.to_string(),
+        )),
+    }
+}
+
 pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {

@@ -13,7 +13,7 @@ use super::http::{
     self, backoff_delay, content_range, is_retryable, log_answer, net_error, protocol_error,
     timeout_error, ContentRange,
 };
-use super::{Progress, Remote, RemoteError};
+use super::{Progress, Remote, RemoteError, Room};
 use crate::digest::{HashingFile, Sha512, VerifiedFile, VerifyError};
 use reqwest::header::{AUTHORIZATION, RANGE};
 use reqwest::{Response, StatusCode};
@@ -33,6 +33,7 @@ pub(super) async fn fetch(
     sha: &Sha512,
     tmp_dir: &Path,
     progress: Progress<'_>,
+    room: Room<'_>,
 ) -> Result<VerifiedFile, RemoteError> {
     let inner = &remote.inner;
     let endpoint = Remote::endpoint(&inner.download_cache, "download-cache-url")?;
@@ -48,7 +49,7 @@ pub(super) async fn fetch(
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let result = attempt(remote, &url, &mut file, &mut total, progress).await;
+        let result = attempt(remote, &url, &mut file, &mut total, progress, room).await;
         // A trickle is not progress: it must not reset the count of failed attempts.
         let progressed = file.len() >= high_water.saturating_add(LOW_SPEED_BYTES);
         high_water = high_water.max(file.len());
@@ -94,6 +95,7 @@ async fn attempt(
     file: &mut HashingFile,
     total: &mut Option<u64>,
     progress: Progress<'_>,
+    room: Room<'_>,
 ) -> Result<(), RemoteError> {
     let inner = &remote.inner;
     let offset = file.len();
@@ -151,6 +153,7 @@ async fn attempt(
         url,
         inner.limits.low_speed_timeout,
         progress,
+        room,
     )
     .await
 }
@@ -221,7 +224,9 @@ pub(super) async fn send_within(
 /// answer announced one: fewer bytes is a (retryable) dropped connection, more is a
 /// protocol violation. Each chunk must arrive within `low_speed`, and each `low_speed`
 /// window must bring at least [`LOW_SPEED_BYTES`]: a server that trickles a byte now
-/// and then fails as surely as one that stalls.
+/// and then fails as surely as one that stalls. Each chunk is first allowed by `room`
+/// (which bounds a body of unknown length, and a lying one, by the space there is).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn stream_into(
     resp: &mut Response,
     file: &mut HashingFile,
@@ -230,6 +235,7 @@ pub(super) async fn stream_into(
     url: &str,
     low_speed: Duration,
     progress: Progress<'_>,
+    room: Room<'_>,
 ) -> Result<(), RemoteError> {
     let mut window_start = tokio::time::Instant::now();
     let mut window_bytes = 0u64;
@@ -278,6 +284,11 @@ pub(super) async fn stream_into(
             }
             window_start = tokio::time::Instant::now();
             window_bytes = 0;
+        }
+        let to = file.len() + chunk.len() as u64;
+        if let Err(e) = room(file.len(), to) {
+            tracing::error!(%url, have = file.len(), error = %e, "no room for the blob being downloaded");
+            return Err(RemoteError::Io(e));
         }
         file.write_bytes(chunk)?;
         progress(file.len(), total);

@@ -119,6 +119,17 @@ pub enum Probe {
 /// Called with (bytes done, total when known) as a transfer progresses.
 pub type Progress<'a> = &'a (dyn Fn(u64, Option<u64>) + Send + Sync);
 
+/// Asked before each piece of a downloaded body is written: the file holds the first
+/// argument's bytes and is about to hold the second's. An error ends the download with
+/// that error (the cache's bound: the disk space it may use). Never given a size a
+/// server announced in advance.
+pub type Room<'a> = &'a (dyn Fn(u64, u64) -> std::io::Result<()> + Send + Sync);
+
+/// A [`Room`] without bound.
+pub fn unbounded(_have: u64, _to: u64) -> std::io::Result<()> {
+    Ok(())
+}
+
 /// Every way a remote call fails. Messages name the URL with any password removed.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -275,7 +286,18 @@ impl Remote {
 
     /// Existence and size of a blob: HEAD, else a ranged GET (see [`Probe`]).
     pub async fn probe_blob(&self, sha: &Sha512, tmp_dir: &Path) -> Result<Probe, RemoteError> {
-        probe::probe(self, sha, tmp_dir).await
+        probe::probe(self, sha, tmp_dir, &unbounded).await
+    }
+
+    /// [`Remote::probe_blob`], a whole blob sent instead of the probe's byte bounded by
+    /// `room`.
+    pub async fn probe_blob_bounded(
+        &self,
+        sha: &Sha512,
+        tmp_dir: &Path,
+        room: Room<'_>,
+    ) -> Result<Probe, RemoteError> {
+        probe::probe(self, sha, tmp_dir, room).await
     }
 
     /// Downloads a blob into a temporary file in `tmp_dir`, hashing as it goes, resuming
@@ -286,7 +308,19 @@ impl Remote {
         tmp_dir: &Path,
         progress: Progress<'_>,
     ) -> Result<VerifiedFile, RemoteError> {
-        fetch::fetch(self, sha, tmp_dir, progress).await
+        fetch::fetch(self, sha, tmp_dir, progress, &unbounded).await
+    }
+
+    /// [`Remote::fetch_blob`], each piece of the body first allowed by `room` (the
+    /// cache's reservation grown as bytes arrive, whatever length was announced).
+    pub async fn fetch_blob_bounded(
+        &self,
+        sha: &Sha512,
+        tmp_dir: &Path,
+        progress: Progress<'_>,
+        room: Room<'_>,
+    ) -> Result<VerifiedFile, RemoteError> {
+        fetch::fetch(self, sha, tmp_dir, progress, room).await
     }
 
     /// `POST {upload-cache-url}` streaming the file; 201 with the echoed hash required.

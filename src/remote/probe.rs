@@ -6,7 +6,7 @@
 
 use super::fetch::{send_within, stream_into};
 use super::http::{self, content_range, is_retryable, log_answer, net_error, retry, ContentRange};
-use super::{Probe, Remote, RemoteError};
+use super::{Probe, Remote, RemoteError, Room};
 use crate::digest::{HashingFile, Sha512, VerifyError};
 use reqwest::header::{AUTHORIZATION, RANGE};
 use reqwest::StatusCode;
@@ -25,6 +25,7 @@ pub(super) async fn probe(
     remote: &Remote,
     sha: &Sha512,
     tmp_dir: &Path,
+    room: Room<'_>,
 ) -> Result<Probe, RemoteError> {
     let inner = &remote.inner;
     let endpoint = Remote::endpoint(&inner.download_cache, "download-cache-url")?;
@@ -46,7 +47,7 @@ pub(super) async fn probe(
         Head::Size(n) => Ok(Probe::Size(n)),
         Head::Unsupported => {
             retry(limits, "GET", url, move || {
-                ranged_once(remote, url, sha, tmp_dir)
+                ranged_once(remote, url, sha, tmp_dir, room)
             })
             .await
         }
@@ -80,6 +81,7 @@ async fn ranged_once(
     url: &str,
     sha: &Sha512,
     tmp_dir: &Path,
+    room: Room<'_>,
 ) -> Result<Probe, RemoteError> {
     let inner = &remote.inner;
     let limits = &inner.limits;
@@ -132,6 +134,7 @@ async fn ranged_once(
                 url,
                 limits.low_speed_timeout,
                 &|_, _| {},
+                room,
             )
             .await;
             match (read, len) {

@@ -56,6 +56,11 @@ pub enum Fault {
     SendFewer(usize),
     /// A `Range` header is ignored: 200 with the whole blob.
     IgnoreRange,
+    /// HEAD: this `Content-Length` instead of the blob's (a lying probe).
+    HeadLength(u64),
+    /// GET: a `Range` header is ignored, and the whole blob comes as a 200 without
+    /// `Content-Length`, ended by closing the connection.
+    WholeUnannounced,
     /// Response body: one byte per interval.
     Trickle(Duration),
     /// The answer's head, then nothing for this long, then the connection is closed.
@@ -75,8 +80,6 @@ pub enum Fault {
     /// The request is read whole, then answered normally after this long (a slow
     /// server: a PUT in flight while the test does something else).
     Delay(Duration),
-    /// HEAD: `Content-Length` says this many bytes, whatever the blob's length.
-    HeadLength(u64),
     /// shadir GET: this body (with `Content-Length`) instead of the stored list.
     DirBody(Vec<u8>),
     /// shadir GET: a generated body of `len` bytes, streamed (never held in memory);
@@ -655,7 +658,7 @@ async fn respond(
         _ => normal(
             head,
             &body,
-            matches!(fault, Some(Fault::IgnoreRange)),
+            matches!(fault, Some(Fault::IgnoreRange | Fault::WholeUnannounced)),
             state,
         ),
     };
@@ -669,15 +672,17 @@ async fn respond(
     let true_len = ans.body.len();
     let body = if is_head { Vec::new() } else { ans.body };
     match &fault {
-        Some(Fault::CloseDelimited { .. }) => text.push_str("Connection: close\r\n"),
+        Some(Fault::CloseDelimited { .. } | Fault::WholeUnannounced) => {
+            text.push_str("Connection: close\r\n")
+        }
+        Some(Fault::HeadLength(n)) if is_head => {
+            text.push_str(&format!("Content-Length: {n}\r\n"));
+        }
         Some(Fault::AnnounceFewer(n)) => {
             text.push_str(&format!(
                 "Content-Length: {}\r\n",
                 true_len.saturating_sub(*n)
             ));
-        }
-        Some(Fault::HeadLength(n)) if is_head => {
-            text.push_str(&format!("Content-Length: {n}\r\n"));
         }
         _ => text.push_str(&format!("Content-Length: {true_len}\r\n")),
     }
@@ -711,7 +716,7 @@ async fn respond(
             send(w, &body, state).await;
             false
         }
-        Some(Fault::AnnounceFewer(_)) => {
+        Some(Fault::AnnounceFewer(_)) | Some(Fault::WholeUnannounced) => {
             send(w, &body, state).await;
             false
         }
