@@ -308,3 +308,87 @@ impl Drop for Tables {
         }
     }
 }
+
+/// Renames every namespace directory whose `namespace` names a server URL with
+/// credentials (as releases before 0.x stored it) to the directory of the same URL
+/// without them, rewriting its `namespace` file; when that directory exists already, the
+/// known keys, first-seen times (earliest wins) and saved answers (the existing ones
+/// win) are merged into it and the old directory is removed. Errors are logged: at
+/// worst a namespace starts empty, as a new one would.
+pub(crate) fn migrate_namespaces(v1: &Path, tmp: &Path) {
+    let Ok(rd) = std::fs::read_dir(v1.join("ns")) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let old = entry.path();
+        let Ok(text) = std::fs::read_to_string(old.join("namespace")) else {
+            continue;
+        };
+        let clean = crate::config::without_credentials(&text);
+        if clean == text {
+            continue;
+        }
+        let new = v1.join("ns").join(Sha512::of(clean.as_bytes()).short(32));
+        if let Err(e) = migrate_one(&old, &new, &clean, tmp) {
+            tracing::warn!(dir = %old.display(), error = %e, "cannot migrate a namespace directory named after a URL with credentials");
+        } else {
+            tracing::info!(
+                "cache namespace {clean}: moved out of the directory named after its URL with credentials"
+            );
+        }
+    }
+}
+
+fn migrate_one(old: &Path, new: &Path, clean: &str, tmp: &Path) -> std::io::Result<()> {
+    if !new.exists() {
+        // The namespace file first: a crash in between leaves a directory whose text
+        // no longer holds the credentials, found again under its old name (a miss).
+        write_replace(tmp, &old.join("namespace"), clean.as_bytes())?;
+        return std::fs::rename(old, new);
+    }
+    let new_dirs = new.join("dirs");
+    super::disk::create_private_dir_all(&new_dirs)?;
+    let mut keys = parse_keys(read_json(&new.join("keys.json")));
+    for k in parse_keys(read_json(&old.join("keys.json"))) {
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    write_replace(
+        tmp,
+        &new.join("keys.json"),
+        Value::from(keys).to_string().as_bytes(),
+    )?;
+    let mut seen = parse_seen(read_json(&new.join("seen.json")));
+    for (key, times) in parse_seen(read_json(&old.join("seen.json"))) {
+        let mine = seen.entry(key).or_default();
+        for (sha, t) in times {
+            let e = mine.entry(sha).or_insert(t);
+            *e = e.min(t);
+        }
+    }
+    let map: Map<String, Value> = seen
+        .iter()
+        .map(|(key, times)| {
+            let inner: Map<String, Value> = times
+                .iter()
+                .map(|(sha, t)| (sha.hex(), Value::from(*t)))
+                .collect();
+            (key.clone(), Value::Object(inner))
+        })
+        .collect();
+    write_replace(
+        tmp,
+        &new.join("seen.json"),
+        Value::Object(map).to_string().as_bytes(),
+    )?;
+    if let Ok(rd) = std::fs::read_dir(old.join("dirs")) {
+        for e in rd.flatten() {
+            let dest = new_dirs.join(e.file_name());
+            if !dest.exists() {
+                std::fs::rename(e.path(), dest)?;
+            }
+        }
+    }
+    std::fs::remove_dir_all(old)
+}
