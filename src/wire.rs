@@ -292,6 +292,36 @@ mod tests {
     }
 
     #[test]
+    fn lone_surrogates_drop_only_their_entry() {
+        let inner = format!(r#"{{"sha512": "{HELLO}", "f": "\ud800"}}"#);
+        // [good, inner with a lone surrogate, signature with one, inner JSON with one]
+        let body = format!(
+            r#"[["{{\"sha512\": \"{HELLO}\"}}", ""], ["{{\"sha512\": \"{HELLO}\", \"f\": \"\ud800\"}}", ""], ["{{\"sha512\": \"{HELLO}\"}}", "\udfff"], {}]"#,
+            RawEntry {
+                inner: inner.clone(),
+                signature: String::new()
+            }
+            .to_put_body()
+        );
+        let l = parse_listing(body.as_bytes()).unwrap();
+        assert_eq!(l.entries.len(), 3, "{l:?}");
+        assert_eq!(l.rejected.len(), 1);
+        assert!(
+            matches!(&l.rejected[0], WireError::LoneSurrogate(x) if x.starts_with("{\"sha512"))
+        );
+        assert_eq!(l.entries[1].signature, "\u{fffd}");
+        // The inner string is kept byte for byte; its metadata reads as Python reads it.
+        assert_eq!(l.entries[2].inner, inner);
+        let info = EntryInfo::parse(&inner).unwrap();
+        assert_eq!(info.metadata["f"], "\u{fffd}");
+        assert!(EntryInfo::parse(&format!(r#"{{"sha512": "{HELLO}", "t": NaN}}"#)).is_ok());
+        assert!(matches!(
+            parse_put_body(br#"["\ud800", ""]"#),
+            Err(WireError::LoneSurrogate(_))
+        ));
+    }
+
+    #[test]
     fn listing_keeps_good_pairs_and_reports_bad_ones() {
         let body = br#"[["{}", "sig"], ["a"], 3, ["x", 1], ["i", ""]]"#;
         let l = parse_listing(body).unwrap();

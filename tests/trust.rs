@@ -325,7 +325,15 @@ fn cache_tree_is_private_and_free_of_credentials() {
         std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(1000000000.5)
     );
     assert!(cache.dir_answer("kept-key").is_some(), "saved listing lost");
-    // Tables written now are private too.
+    // A blob, its shard directory and the tables written now are private too.
+    let content = b"a new blob in a new shard\n";
+    let sha = Sha512::of(content);
+    assert!(!cache_dir.join("v1/blobs").join(&sha.hex()[..2]).exists());
+    let mut hashing = shacachefs::digest::HashingFile::new_in(cache.tmp_dir()).unwrap();
+    hashing.write_all(content).unwrap();
+    cache
+        .insert_blob(hashing.verify(&sha).expect("hash matches"))
+        .unwrap();
     cache.add_known_key("new-key");
     cache.flush().unwrap();
     cache.close().unwrap();
