@@ -543,3 +543,75 @@ fn retry_and_drop_leave_items_open_for_writing_alone() {
     .assert_success();
     assert!(!item_dir(&held).exists());
 }
+
+/// The same listing through the filesystem core (what a mount serves): the key is not
+/// EIO, the good entry reads back, and only the entry with the lone surrogate is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_surrogate_does_not_take_a_key_offline_in_the_core() {
+    use shacachefs::cache::{Cache, CacheOptions};
+    use shacachefs::client::Client;
+    use shacachefs::config::Config;
+    use shacachefs::fs::{Core, FsOptions, ROOT_INO};
+    use shacachefs::remote::Limits;
+    let srv = faulty::FaultyServer::start().await;
+    let good = srv.add_blob(b"good\n");
+    let odd = srv.add_blob(b"odd metadata\n");
+    let bad = srv.add_blob(b"bad\n");
+    let pair = |inner: String| {
+        RawEntry {
+            inner,
+            signature: String::new(),
+        }
+        .to_put_body()
+    };
+    let good_pair = pair(format!(
+        r#"{{"sha512": "{}", "file": "good.txt"}}"#,
+        good.hex()
+    ));
+    let odd_pair = pair(format!(
+        r#"{{"sha512": "{}", "file": "odd\ud800.txt"}}"#,
+        odd.hex()
+    ));
+    let bad_pair = format!(
+        r#"["{{\"sha512\": \"{}\", \"file\": \"bad\ud800.txt\"}}", ""]"#,
+        bad.hex()
+    );
+    let body = format!("[{good_pair}, {bad_pair}, {odd_pair}]");
+    srv.push_rule(Rule::dir_get("odd-key", Fault::DirBody(body.into_bytes())));
+    let cfg = Config {
+        download_cache_url: Some(srv.cache_url()),
+        download_dir_url: Some(srv.dir_url()),
+        ..Config::default()
+    };
+    let client = Client::from_config(&cfg, Limits::default()).expect("client");
+    let dir = tempdir();
+    let cache = Cache::open(CacheOptions {
+        dir: dir.path().join("cache"),
+        max_bytes: 1 << 30,
+        namespace: srv.dir_url(),
+    })
+    .expect("cache");
+    let core = Core::new(client, cache, FsOptions::default());
+    let key = core
+        .lookup(ROOT_INO, "odd-key")
+        .await
+        .expect("the key is not EIO")
+        .ino;
+    let names: Vec<String> = core
+        .readdir(key)
+        .await
+        .expect("readdir of the key")
+        .into_iter()
+        .skip(2)
+        .map(|e| e.name)
+        .filter(|n| !n.starts_with('.') && n != "latest")
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&"good.txt".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("bad")), "{names:?}");
+    let ino = core.lookup(key, "good.txt").await.expect("good.txt").ino;
+    let (fh, _) = core.open(ino).await.expect("open");
+    let data = core.read(fh, 0, 1 << 16).expect("read");
+    core.release(fh);
+    assert_eq!(&data[..], b"good\n");
+}
