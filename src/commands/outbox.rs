@@ -42,6 +42,11 @@ const HELD: &str =
 fn drop_items(outbox: &Outbox, ids: Vec<String>) -> Result<()> {
     let mut errors = Vec::new();
     for id in ids {
+        if !outbox.data_path(&id).parent().is_some_and(Path::is_dir) {
+            eprintln!("{id}: no such outbox item (see `shacachefs outbox list`)");
+            errors.push(id);
+            continue;
+        }
         let claim = match outbox.claim(&id) {
             Ok(Some(c)) => c,
             Ok(None) => {
@@ -248,6 +253,13 @@ async fn retry(
         if !ids.is_empty() && !ids.contains(&item.id) {
             continue;
         }
+        if item.meta.name.starts_with('.') {
+            eprintln!(
+                "{}: {} is a temporary dot-file: skipped",
+                item.id, item.meta.name
+            );
+            continue;
+        }
         let namespace = without_credentials(&item.meta.namespace);
         let forced = explicit && ids.contains(&item.id);
         let index = targets
@@ -264,13 +276,6 @@ async fn retry(
             }
             continue;
         };
-        if item.meta.name.starts_with('.') {
-            eprintln!(
-                "{}: {} is a temporary dot-file: skipped",
-                item.id, item.meta.name
-            );
-            continue;
-        }
         match publish_one(outbox, cache_dir, &mut targets[index], &item).await {
             Outcome::Published(line) => {
                 done += 1;
