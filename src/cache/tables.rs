@@ -392,3 +392,65 @@ fn migrate_one(old: &Path, new: &Path, clean: &str, tmp: &Path) -> std::io::Resu
     }
     std::fs::remove_dir_all(old)
 }
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    fn ns_dir(v1: &Path, text: &str) -> PathBuf {
+        let d = v1.join("ns").join(Sha512::of(text.as_bytes()).short(32));
+        std::fs::create_dir_all(d.join("dirs")).unwrap();
+        std::fs::write(d.join("namespace"), text).unwrap();
+        d
+    }
+
+    #[test]
+    fn credentialed_namespace_is_merged_into_the_clean_one() {
+        let tmp_dir = tempfile::tempdir().unwrap();
+        let v1 = tmp_dir.path().join("v1");
+        let tmp = v1.join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let a = Sha512::of(b"a");
+        let b = Sha512::of(b"b");
+        let old = ns_dir(&v1, "http://u:pw@h/shadir");
+        std::fs::write(old.join("keys.json"), r#"["k1", "k2"]"#).unwrap();
+        std::fs::write(
+            old.join("seen.json"),
+            format!(r#"{{"k1": {{"{}": 5.0, "{}": 7.0}}}}"#, a.hex(), b.hex()),
+        )
+        .unwrap();
+        std::fs::write(old.join("dirs").join("x.json"), "old x").unwrap();
+        std::fs::write(old.join("dirs").join("y.json"), "old y").unwrap();
+        let new = ns_dir(&v1, "http://h/shadir");
+        std::fs::write(new.join("keys.json"), r#"["k2", "k3"]"#).unwrap();
+        std::fs::write(
+            new.join("seen.json"),
+            format!(r#"{{"k1": {{"{}": 9.0}}}}"#, a.hex()),
+        )
+        .unwrap();
+        std::fs::write(new.join("dirs").join("x.json"), "new x").unwrap();
+        // A third, credentialed, with no clean twin: renamed.
+        let lone = ns_dir(&v1, "https://u@other/d");
+        std::fs::write(lone.join("keys.json"), r#"["z"]"#).unwrap();
+
+        migrate_namespaces(&v1, &tmp);
+
+        assert!(!old.exists() && !lone.exists());
+        assert_eq!(
+            parse_keys(read_json(&new.join("keys.json"))),
+            vec!["k2", "k3", "k1"]
+        );
+        let seen = parse_seen(read_json(&new.join("seen.json")));
+        assert_eq!(seen["k1"][&a], 5.0, "the earliest first-seen time wins");
+        assert_eq!(seen["k1"][&b], 7.0);
+        let read = |f: &str| std::fs::read_to_string(new.join("dirs").join(f)).unwrap();
+        assert_eq!(read("x.json"), "new x");
+        assert_eq!(read("y.json"), "old y");
+        let renamed = v1.join("ns").join(Sha512::of(b"https://other/d").short(32));
+        assert_eq!(
+            std::fs::read_to_string(renamed.join("namespace")).unwrap(),
+            "https://other/d"
+        );
+        assert_eq!(parse_keys(read_json(&renamed.join("keys.json"))), vec!["z"]);
+    }
+}
