@@ -615,3 +615,32 @@ async fn lone_surrogate_does_not_take_a_key_offline_in_the_core() {
     core.release(fh);
     assert_eq!(&data[..], b"good\n");
 }
+
+/// A cache directory given as a shared directory (sticky, like `/tmp`): its own mode and
+/// its other contents are left alone; only the cache's entries are made private.
+#[test]
+fn a_shared_cache_directory_keeps_its_mode() {
+    use shacachefs::cache::{Cache, CacheOptions};
+    let dir = tempdir();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let other = shared.join("someone-elses.txt");
+    std::fs::write(&other, b"not ours\n").unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cache = Cache::open(CacheOptions {
+        dir: shared.clone(),
+        max_bytes: 1 << 20,
+        namespace: "http://h/shadir".into(),
+    })
+    .unwrap();
+    cache.close().unwrap();
+    drop(cache);
+    assert_eq!(
+        std::fs::metadata(&shared).unwrap().permissions().mode() & 0o7777,
+        0o1777
+    );
+    assert_eq!(mode(&other), 0o644);
+    assert_private(&shared.join("v1"));
+    assert_eq!(mode(&shared.join("layout")), 0o600);
+}

@@ -155,18 +155,26 @@ fn check_layout(dir: &Path) -> Result<(), CacheError> {
 }
 
 /// Makes a cache tree private when its top directories are not (a tree made by an older
-/// release, or created by hand): every directory 0700, every file 0600 (only group and
-/// other bits are removed). A tree already private costs three `stat`s.
+/// release): `DIR/layout` and everything under `DIR/v1` (only group and other bits are
+/// removed). `DIR` itself is made 0700 too unless it is not ours or is a shared
+/// directory (sticky, like `/tmp`): then only our own entries in it are changed. A
+/// tree already private costs a few `stat`s.
 fn tighten_tree(dir: &Path, v1: &Path) {
-    let open_to_others = |p: &Path| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::symlink_metadata(p).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
-    };
-    if [dir, v1, &v1.join("blobs")]
-        .iter()
-        .any(|p| open_to_others(p))
-    {
-        let changed = disk::make_tree_private(dir);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let open_to_others =
+        |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.permissions().mode() & 0o077 != 0);
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let dir_is_ours = std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.permissions().mode() & 0o1000 == 0);
+    if dir_is_ours && open_to_others(dir) {
+        if let Err(e) = disk::make_private(dir) {
+            tracing::warn!("cache {}: cannot make it private: {e}", dir.display());
+        }
+    }
+    if [v1, &v1.join("blobs")].iter().any(|p| open_to_others(p)) {
+        let _ = disk::make_private(&dir.join("layout"));
+        let changed = disk::make_tree_private(v1);
         tracing::info!(
             "cache {}: made private (0700 directories, 0600 files; {changed} entries changed)",
             dir.display()
