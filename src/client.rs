@@ -64,7 +64,10 @@ pub fn select_trusted(listing: Listing, verifier: &Verifier) -> (Vec<TrustedEntr
         .iter()
         .map(|e| Hidden {
             reason: e.to_string(),
-            excerpt: String::new(),
+            excerpt: match e {
+                crate::wire::WireError::LoneSurrogate(excerpt) => excerpt.clone(),
+                _ => String::new(),
+            },
         })
         .collect();
     let mut trusted = Vec::new();
@@ -136,6 +139,17 @@ impl Client {
             limits,
         })?;
         let (verifier, mut warnings) = Verifier::from_pems(&cfg.signature_certificates);
+        // A configured list fails closed: with none of its certificates usable, running
+        // would show unsigned entries as if no list had been configured.
+        if verifier.is_empty() && !cfg.signature_certificates.is_empty() {
+            return Err(ClientError::Setup(format!(
+                "none of the {} certificate(s) in signature-certificate-list is usable, so no \
+                 entry could be verified; refusing to run unverified (fix the list, or remove \
+                 it to show unsigned entries): {}",
+                cfg.signature_certificates.len(),
+                warnings.join("; ")
+            )));
+        }
         warnings.extend(cfg.notices.iter().cloned());
         let signer = match &cfg.signature_private_key_file {
             Some(path) => {

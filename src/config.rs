@@ -150,6 +150,22 @@ impl Config {
     }
 }
 
+/// A server URL as it may be shown or stored: `user:password@` (any userinfo) removed,
+/// everything else kept byte for byte (so a namespace without credentials keeps its
+/// name). Used to identify a server in the cache, the outbox and messages.
+pub fn without_credentials(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let authority_start = scheme_end + 3;
+    let rest = &url[authority_start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_len].rfind('@') {
+        Some(at) => format!("{}{}", &url[..authority_start], &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
 fn duplicate_matters(d: &syntax::Duplicate) -> bool {
     match d.section.as_str() {
         SECTION => KNOWN_OPTIONS.contains(&d.key.as_str()),
@@ -645,6 +661,21 @@ mod tests {
         );
         assert_eq!(config.notices.len(), 1, "{:?}", config.notices);
         assert!(config.notices[0].contains("signature_private_key_file"));
+    }
+
+    #[test]
+    fn credentials_are_removed_from_server_urls() {
+        for (url, want) in [
+            ("http://u:p@host:8080/shadir", "http://host:8080/shadir"),
+            ("https://user@host/x?y=a@b", "https://host/x?y=a@b"),
+            ("http://a:b@c@host/", "http://host/"),
+            ("http://host/shadir/p@th", "http://host/shadir/p@th"),
+            ("http://host", "http://host"),
+            ("embedded:/var/lib/x", "embedded:/var/lib/x"),
+            ("http://u:p@host", "http://host"),
+        ] {
+            assert_eq!(without_credentials(url), want, "{url}");
+        }
     }
 
     #[test]

@@ -7,11 +7,16 @@
 //! processes never publish one item twice). `meta.json` is replaced atomically. The
 //! signed entry is saved before the PUT and reused by every retry of unchanged data, so
 //! a retry after a lost answer resends the same bytes (which shadir does not duplicate).
+//!
+//! The outbox is private (0700 directories, 0600 files; an older tree is tightened when
+//! opened), and an item's namespace is its server's URL without credentials: an item an
+//! older release stored with `user:password@` in it is rewritten when the outbox opens.
 
+use crate::cache::{create_private_dir, create_private_dir_all, make_private, private_file};
 use crate::wire::RawEntry;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -89,6 +94,11 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
     }
 }
 
+/// A name that can be an item's directory (no path separator, no dot-file).
+fn is_item_id(id: &str) -> bool {
+    !id.is_empty() && !id.contains('/') && !id.starts_with('.')
+}
+
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -98,6 +108,7 @@ fn now() -> f64 {
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
+    // tempfile creates the file 0600.
     let mut tmp = tempfile::Builder::new().prefix(".meta-").tempfile_in(dir)?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
@@ -109,8 +120,54 @@ impl Outbox {
     /// The outbox under a cache directory (created if missing).
     pub fn open(cache_dir: &Path) -> std::io::Result<Outbox> {
         let dir = cache_dir.join("v1").join("outbox");
-        std::fs::create_dir_all(&dir)?;
-        Ok(Outbox { dir })
+        create_private_dir_all(&dir)?;
+        let outbox = Outbox { dir };
+        outbox.tighten_and_migrate();
+        Ok(outbox)
+    }
+
+    /// Makes every item private and rewrites the metadata of items whose namespace
+    /// holds credentials (both left by older releases). An item being published by
+    /// another process is left for the next open. Best effort: errors are logged.
+    fn tighten_and_migrate(&self) {
+        let _ = make_private(&self.dir);
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = make_private(&path);
+                continue;
+            }
+            let _ = make_private(&path);
+            if let Ok(files) = std::fs::read_dir(&path) {
+                for f in files.flatten() {
+                    let _ = make_private(&f.path());
+                }
+            }
+            let Some(id) = e.file_name().to_str().map(String::from) else {
+                continue;
+            };
+            let Some(mut item) = self.get(&id) else {
+                continue;
+            };
+            let clean = crate::config::without_credentials(&item.meta.namespace);
+            if clean == item.meta.namespace {
+                continue;
+            }
+            match self.try_lock(&id) {
+                Ok(Some(_lock)) => {
+                    item.meta.namespace = clean;
+                    if let Err(err) = self.save(&item) {
+                        tracing::warn!(item = %id, error = %err, "cannot remove credentials from an outbox item's namespace");
+                    }
+                }
+                _ => {
+                    tracing::warn!(item = %id, "outbox item busy: its namespace keeps credentials until the next start")
+                }
+            }
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -138,8 +195,8 @@ impl Outbox {
             rand::random::<u32>()
         );
         let dir = self.item_dir(&id);
-        std::fs::create_dir(&dir)?;
-        let file = OpenOptions::new()
+        create_private_dir(&dir)?;
+        let file = private_file()
             .read(true)
             .write(true)
             .create_new(true)
@@ -168,7 +225,11 @@ impl Outbox {
         let marker = self.item_dir(id).join("incomplete");
         match why {
             Some(why) => {
-                File::create(&marker)?;
+                private_file()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&marker)?;
                 if let Some(mut item) = self.get(id) {
                     item.meta.last_error = Some(why.to_string());
                     let _ = self.save(&item);
@@ -228,7 +289,7 @@ impl Outbox {
 
     /// Removes an item and its data.
     pub fn remove(&self, id: &str) -> std::io::Result<()> {
-        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        if !is_item_id(id) {
             return Err(std::io::Error::other("not an outbox item id"));
         }
         std::fs::remove_dir_all(self.item_dir(id))
@@ -237,7 +298,7 @@ impl Outbox {
     /// Takes an item's publishing lock without waiting; `None` when another process
     /// (or another handle) holds it.
     pub fn try_lock(&self, id: &str) -> std::io::Result<Option<ItemLock>> {
-        let file = OpenOptions::new()
+        let file = private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -246,7 +307,13 @@ impl Outbox {
     }
 
     fn writing_file(&self, id: &str) -> std::io::Result<File> {
-        OpenOptions::new()
+        if !is_item_id(id) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not an outbox item id",
+            ));
+        }
+        private_file()
             .create(true)
             .truncate(false)
             .write(true)

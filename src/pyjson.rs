@@ -4,9 +4,136 @@
 //! Python's defaults: `", "` and `": "` separators (`","` between items when indenting),
 //! `ensure_ascii` (everything outside space..`~` escaped as lowercase `\uXXXX`, with
 //! surrogate pairs), insertion order unless `sort_keys`, floats as `repr()`.
+//!
+//! Also [`lenient`]: a text Python's `json.loads` accepts but serde_json does not, made
+//! acceptable (lone surrogates, `NaN`/`Infinity`, a UTF-8 BOM), with where it differed.
 
 use serde_json::Value;
+use std::borrow::Cow;
 use std::fmt::Write;
+
+/// A JSON text rewritten so that serde_json reads what Python's `json.loads(bytes)`
+/// reads, and where it had to differ.
+#[derive(Debug, Clone)]
+pub struct Lenient<'a> {
+    pub text: Cow<'a, [u8]>,
+    /// For each string that held a lone UTF-16 surrogate (a `\uD800`-`\uDFFF` escape
+    /// not part of a pair, or such a code point encoded in the bytes, which Python's
+    /// `surrogatepass` decoding takes), the position of that string: the index of each
+    /// enclosing array element or object member, outermost first. In `text` each lone
+    /// surrogate is `\ufffd` (U+FFFD): Rust strings, like UTF-8, cannot hold one.
+    pub lone_surrogates: Vec<Vec<usize>>,
+}
+
+fn hex4(text: &[u8], at: usize) -> Option<u32> {
+    let digits = text.get(at..at + 4)?;
+    let s = std::str::from_utf8(digits).ok()?;
+    u32::from_str_radix(s, 16).ok()
+}
+
+/// Makes serde_json as lenient as Python's `json.loads` where Python is lenient:
+/// a leading UTF-8 BOM is skipped; `NaN`, `Infinity` and `-Infinity` (which Python
+/// reads as floats) become `null`; lone surrogates become U+FFFD and are reported (see
+/// [`Lenient::lone_surrogates`]). Everything else is left for serde_json to judge.
+/// Bounded: one pass over the text.
+pub fn lenient(text: &[u8]) -> Lenient<'_> {
+    let body = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+    let suspicious = body.iter().any(|&b| matches!(b, b'N' | b'I' | 0xED))
+        || body
+            .windows(3)
+            .any(|w| w[0] == b'\\' && w[1] == b'u' && (w[2] | 0x20) == b'd');
+    if !suspicious {
+        return Lenient {
+            text: Cow::Borrowed(body),
+            lone_surrogates: Vec::new(),
+        };
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut stack: Vec<usize> = Vec::new();
+    let mut lone: Vec<Vec<usize>> = Vec::new();
+    let mut in_string = false;
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        if in_string {
+            match b {
+                b'"' => {
+                    in_string = false;
+                    out.push(b);
+                    i += 1;
+                }
+                b'\\' if body.get(i + 1) == Some(&b'u') => match hex4(body, i + 2) {
+                    Some(0xD800..=0xDBFF)
+                        if body.get(i + 6) == Some(&b'\\')
+                            && body.get(i + 7) == Some(&b'u')
+                            && hex4(body, i + 8)
+                                .is_some_and(|l| (0xDC00..=0xDFFF).contains(&l)) =>
+                    {
+                        out.extend_from_slice(&body[i..i + 12]);
+                        i += 12;
+                    }
+                    Some(0xD800..=0xDFFF) => {
+                        out.extend_from_slice(b"\\ufffd");
+                        lone.push(stack.clone());
+                        i += 6;
+                    }
+                    Some(_) => {
+                        out.extend_from_slice(&body[i..i + 6]);
+                        i += 6;
+                    }
+                    None => {
+                        out.extend_from_slice(&body[i..i + 2]);
+                        i += 2;
+                    }
+                },
+                b'\\' => {
+                    out.extend_from_slice(&body[i..(i + 2).min(body.len())]);
+                    i += 2;
+                }
+                0xED if body.get(i + 1).is_some_and(|c| (0xA0..=0xBF).contains(c))
+                    && body.get(i + 2).is_some_and(|c| (0x80..=0xBF).contains(c)) =>
+                {
+                    out.extend_from_slice(b"\\ufffd");
+                    lone.push(stack.clone());
+                    i += 3;
+                }
+                _ => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+            continue;
+        }
+        let rest = &body[i..];
+        let literal = [&b"NaN"[..], b"Infinity", b"-Infinity"]
+            .into_iter()
+            .find(|l| rest.starts_with(l));
+        if let Some(l) = literal {
+            out.extend_from_slice(b"null");
+            i += l.len();
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => stack.push(0),
+            b']' | b'}' => {
+                stack.pop();
+            }
+            b',' => {
+                if let Some(top) = stack.last_mut() {
+                    *top += 1;
+                }
+            }
+            _ => {}
+        }
+        out.push(b);
+        i += 1;
+    }
+    Lenient {
+        text: Cow::Owned(out),
+        lone_surrogates: lone,
+    }
+}
 
 /// How to lay the JSON out.
 #[derive(Debug, Clone, Copy, Default)]
@@ -190,6 +317,34 @@ pub fn float_repr(f: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lenient_reads_what_python_reads() {
+        // Lone surrogates, escaped or encoded (surrogatepass), reported by position.
+        let body = b"[[\"a\\ud800b\", \"s\"], [\"\\ud83d\\ude00\", \"\\\\ud800\"], [\"x\", \"\xed\xa0\x80\"], [\"\\udc00\\ud800\", \"\"]]";
+        let l = lenient(body);
+        assert_eq!(
+            l.lone_surrogates,
+            vec![vec![0, 0], vec![2, 1], vec![3, 0], vec![3, 0]]
+        );
+        let v: Value = serde_json::from_slice(&l.text).unwrap();
+        assert_eq!(v[0][0], "a\u{fffd}b");
+        assert_eq!(v[1][0], "\u{1f600}");
+        assert_eq!(v[1][1], "\\ud800");
+        assert_eq!(v[2][1], "\u{fffd}");
+        // NaN and infinities (outside strings only), and a BOM.
+        let l = lenient(
+            b"\xef\xbb\xbf{\"a\": NaN, \"b\": [Infinity, -Infinity], \"NaN\": \"Infinity\"}",
+        );
+        let v: Value = serde_json::from_slice(&l.text).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"a": null, "b": [null, null], "NaN": "Infinity"})
+        );
+        assert!(l.lone_surrogates.is_empty());
+        // Plain JSON is not copied.
+        assert!(matches!(lenient(b"[1, \"x\"]").text, Cow::Borrowed(_)));
+    }
     use serde_json::json;
 
     #[test]

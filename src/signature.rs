@@ -101,14 +101,16 @@ impl Verifier {
         for (i, pem) in pems.iter().enumerate() {
             match cert::parse_pem(pem) {
                 Ok((certs, notes)) => {
-                    warnings.extend(
-                        notes
-                            .into_iter()
-                            .map(|n| format!("trusted certificate #{}: {n}", i + 1)),
-                    );
+                    warnings.extend(notes.into_iter().map(|n| {
+                        format!("signature-certificate-list: certificate #{}: {n}", i + 1)
+                    }));
                     verifier.certs.extend(certs);
                 }
-                Err(e) => warnings.push(format!("trusted certificate #{} skipped: {e}", i + 1)),
+                Err(e) => warnings.push(format!(
+                    "signature-certificate-list: certificate #{} of {} is unusable: {e}",
+                    i + 1,
+                    pems.len()
+                )),
             }
         }
         (verifier, warnings)

@@ -48,6 +48,11 @@ pub enum WireError {
     BadSha512(String),
     #[error("JSON nested deeper than {0} levels")]
     TooDeep(usize),
+    /// The inner string holds a lone UTF-16 surrogate, which Python's `json` accepts but
+    /// no UTF-8 text can hold: its signature cannot be checked over exact bytes (the
+    /// excerpt shows it as U+FFFD).
+    #[error("entry's inner string holds a lone UTF-16 surrogate (it has no UTF-8 bytes a signature could cover)")]
+    LoneSurrogate(String),
 }
 
 /// Nesting allowed in a shadir body by default (a listing needs 2; entries' metadata
@@ -96,16 +101,28 @@ pub fn parse_listing(body: &[u8]) -> Result<Listing, WireError> {
 }
 
 /// Parses a shadir `GET` body nested at most `max_depth` levels.
+///
+/// Read as Python's `json` reads it ([`pyjson::lenient`]): a pair whose inner string
+/// holds a lone surrogate is rejected alone ([`WireError::LoneSurrogate`]); one whose
+/// signature does is kept with U+FFFD in it, so that it verifies under no certificate.
 pub fn parse_listing_with(body: &[u8], max_depth: usize) -> Result<Listing, WireError> {
     check_depth(body, max_depth)?;
+    let lenient = pyjson::lenient(body);
     let value: Value =
-        serde_json::from_slice(body).map_err(|e| WireError::NotJson(e.to_string()))?;
+        serde_json::from_slice(&lenient.text).map_err(|e| WireError::NotJson(e.to_string()))?;
     let Value::Array(items) = value else {
         return Err(WireError::NotArray);
     };
     let mut listing = Listing::default();
-    for item in items {
+    for (index, item) in items.into_iter().enumerate() {
+        let inner_lone = lenient
+            .lone_surrogates
+            .iter()
+            .any(|p| p.first() == Some(&index) && p.get(1) == Some(&0));
         match pair_of(item) {
+            Ok(e) if inner_lone => listing.rejected.push(WireError::LoneSurrogate(
+                e.inner.chars().take(120).collect(),
+            )),
             Ok(e) => listing.entries.push(e),
             Err(e) => listing.rejected.push(e),
         }
@@ -113,11 +130,23 @@ pub fn parse_listing_with(body: &[u8], max_depth: usize) -> Result<Listing, Wire
     Ok(listing)
 }
 
-/// Parses a shadir `PUT` body: exactly `[inner, signature]`.
+/// Parses a shadir `PUT` body: exactly `[inner, signature]` (as leniently as a
+/// listing; an inner string with a lone surrogate is refused).
 pub fn parse_put_body(body: &[u8]) -> Result<RawEntry, WireError> {
+    let lenient = pyjson::lenient(body);
     let value: Value =
-        serde_json::from_slice(body).map_err(|e| WireError::NotJson(e.to_string()))?;
-    pair_of(value)
+        serde_json::from_slice(&lenient.text).map_err(|e| WireError::NotJson(e.to_string()))?;
+    let entry = pair_of(value)?;
+    if lenient
+        .lone_surrogates
+        .iter()
+        .any(|p| p.first() == Some(&0))
+    {
+        return Err(WireError::LoneSurrogate(
+            entry.inner.chars().take(120).collect(),
+        ));
+    }
+    Ok(entry)
 }
 
 fn pair_of(item: Value) -> Result<RawEntry, WireError> {
@@ -148,10 +177,14 @@ pub struct EntryInfo {
 impl EntryInfo {
     /// Parses `inner`. A `sha512` must be 128 lowercase hex digits: that is the only form
     /// a blob can be fetched by, so anything else is refused rather than guessed at.
+    /// Read as leniently as Python reads it ([`pyjson::lenient`]): in the metadata, a
+    /// lone surrogate escape reads as U+FFFD and `NaN`/`Infinity` as `null` (the inner
+    /// string itself, which signatures cover, is never changed).
     pub fn parse(inner: &str) -> Result<Self, WireError> {
         check_depth(inner.as_bytes(), DEFAULT_MAX_DEPTH)?;
-        let value: Value =
-            serde_json::from_str(inner).map_err(|e| WireError::InnerNotJson(e.to_string()))?;
+        let lenient = pyjson::lenient(inner.as_bytes());
+        let value: Value = serde_json::from_slice(&lenient.text)
+            .map_err(|e| WireError::InnerNotJson(e.to_string()))?;
         let Value::Object(metadata) = value else {
             return Err(WireError::InnerNotObject);
         };
@@ -256,6 +289,36 @@ mod tests {
         assert_eq!(join_url("http://h/", "k"), "http://h/k");
         assert_eq!(join_url("https://h/shacache/", "k"), "https://h/shacache/k");
         assert_eq!(join_url("https://h/shadir", "k"), "https://h/shadir/k");
+    }
+
+    #[test]
+    fn lone_surrogates_drop_only_their_entry() {
+        let inner = format!(r#"{{"sha512": "{HELLO}", "f": "\ud800"}}"#);
+        // [good, inner with a lone surrogate, signature with one, inner JSON with one]
+        let body = format!(
+            r#"[["{{\"sha512\": \"{HELLO}\"}}", ""], ["{{\"sha512\": \"{HELLO}\", \"f\": \"\ud800\"}}", ""], ["{{\"sha512\": \"{HELLO}\"}}", "\udfff"], {}]"#,
+            RawEntry {
+                inner: inner.clone(),
+                signature: String::new()
+            }
+            .to_put_body()
+        );
+        let l = parse_listing(body.as_bytes()).unwrap();
+        assert_eq!(l.entries.len(), 3, "{l:?}");
+        assert_eq!(l.rejected.len(), 1);
+        assert!(
+            matches!(&l.rejected[0], WireError::LoneSurrogate(x) if x.starts_with("{\"sha512"))
+        );
+        assert_eq!(l.entries[1].signature, "\u{fffd}");
+        // The inner string is kept byte for byte; its metadata reads as Python reads it.
+        assert_eq!(l.entries[2].inner, inner);
+        let info = EntryInfo::parse(&inner).unwrap();
+        assert_eq!(info.metadata["f"], "\u{fffd}");
+        assert!(EntryInfo::parse(&format!(r#"{{"sha512": "{HELLO}", "t": NaN}}"#)).is_ok());
+        assert!(matches!(
+            parse_put_body(br#"["\ud800", ""]"#),
+            Err(WireError::LoneSurrogate(_))
+        ));
     }
 
     #[test]

@@ -238,7 +238,7 @@ impl BlobStore {
         fs_probe: PathBuf,
         max_bytes: u64,
     ) -> Result<Self, CacheError> {
-        fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
+        super::disk::create_private_dir_all(&root).map_err(|e| io_err(&root, e))?;
         let mut found = scan(&root).map_err(|e| io_err(&root, e))?;
         found.sort_by_key(|f| f.mtime);
         let mut index = LruIndex::new();
@@ -393,7 +393,7 @@ impl BlobStore {
         let sha = file.sha();
         let dest = self.path_of(&sha);
         let shard = dest.parent().unwrap_or(&self.root);
-        fs::create_dir_all(shard).map_err(|e| io_err(shard, e))?;
+        super::disk::create_private_dir_all(shard).map_err(|e| io_err(shard, e))?;
         let mut ix = self.lock();
         let (len, _) = self.place(&mut ix, file)?;
         ix.insert(sha, len);

@@ -6,6 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +17,70 @@ pub(crate) const PROTECTED: &str = "outbox";
 /// Temporary files older than this are leftovers even while other processes use the
 /// cache: a live download writes continuously and times out long before.
 const STALE_TMP: Duration = Duration::from_secs(24 * 3600);
+
+/// The mode of every directory of the cache tree (and of the outbox): owner only. The
+/// mount is owner-only by default, so the bytes behind it must be too.
+pub(crate) const PRIVATE_DIR: u32 = 0o700;
+/// The mode of every file of the cache tree (blobs, tables, staged data, metadata).
+pub(crate) const PRIVATE_FILE: u32 = 0o600;
+
+/// Creates a directory and its missing parents, each new one owner-only.
+pub(crate) fn create_private_dir_all(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR)
+        .create(path)
+}
+
+/// Creates one directory, owner-only (fails when it exists).
+pub(crate) fn create_private_dir(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(PRIVATE_DIR).create(path)
+}
+
+/// Options creating a file owner-only (the mode counts only when the file is new).
+pub(crate) fn private_file() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(PRIVATE_FILE);
+    o
+}
+
+/// Takes the group and other permission bits off `path` (not following a symbolic
+/// link), if it has any. Returns true when it changed the mode.
+pub(crate) fn make_private(path: &Path) -> io::Result<bool> {
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(false);
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(false);
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode & !0o077))?;
+    Ok(true)
+}
+
+/// [`make_private`] on `root` and everything under it (bounded by the tree: symbolic
+/// links are neither followed nor changed). Returns how many entries changed; errors on
+/// single entries are logged and skipped (another process may remove files meanwhile).
+pub(crate) fn make_tree_private(root: &Path) -> usize {
+    let mut changed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        match make_private(&path) {
+            Ok(true) => changed += 1,
+            Ok(false) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot make private"),
+        }
+        let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        if is_dir {
+            if let Ok(rd) = fs::read_dir(&path) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    changed
+}
 
 /// Writes `dest` atomically: a temporary file in `tmp_dir` (same file system), fsync,
 /// rename, then fsync of the destination directory so the rename survives a crash.
@@ -148,7 +213,7 @@ impl OpenLock {
     }
 
     pub(crate) fn acquire(path: &Path) -> io::Result<OpenLock> {
-        let file = OpenOptions::new()
+        let file = private_file()
             .create(true)
             .truncate(false)
             .write(true)

@@ -16,6 +16,12 @@
 //!     dirs/<32 hex>.json      the last shadir answer for a key (see `tables`)
 //! ```
 //!
+//! The whole tree is private: directories are created 0700 and files 0600, and a tree
+//! made by an older release (0755/0644) is tightened when opened. A namespace is a
+//! server URL without credentials (`user:password@` is never stored); a namespace
+//! directory an older release named after a URL with credentials is renamed (or merged
+//! into the one without) when the cache is opened, so its tables survive.
+//!
 //! This module owns `blobs/`, `tmp/`, `ns/`, `sizes.json` and `open.lock`, and nothing
 //! else: the upload outbox (a sibling module, in its own directory) is never read,
 //! cleaned or evicted from here, and no clean-up anywhere removes an entry named `outbox`.
@@ -33,6 +39,8 @@ mod tables;
 mod pressure_tests;
 #[cfg(test)]
 mod tests;
+
+pub(crate) use disk::{create_private_dir, create_private_dir_all, make_private, private_file};
 
 use crate::digest::{Sha512, VerifiedFile};
 use blobs::BlobStore;
@@ -168,13 +176,41 @@ fn check_layout(dir: &Path) -> Result<(), CacheError> {
     }
 }
 
+/// Makes a cache tree private when its top directories are not (a tree made by an older
+/// release): `DIR/layout` and everything under `DIR/v1` (only group and other bits are
+/// removed). `DIR` itself is made 0700 too unless it is not ours or is a shared
+/// directory (sticky, like `/tmp`): then only our own entries in it are changed. A
+/// tree already private costs a few `stat`s.
+fn tighten_tree(dir: &Path, v1: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let open_to_others =
+        |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.permissions().mode() & 0o077 != 0);
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let dir_is_ours = std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.permissions().mode() & 0o1000 == 0);
+    if dir_is_ours && open_to_others(dir) {
+        if let Err(e) = disk::make_private(dir) {
+            tracing::warn!("cache {}: cannot make it private: {e}", dir.display());
+        }
+    }
+    if [v1, &v1.join("blobs")].iter().any(|p| open_to_others(p)) {
+        let _ = disk::make_private(&dir.join("layout"));
+        let changed = disk::make_tree_private(v1);
+        tracing::info!(
+            "cache {}: made private (0700 directories, 0600 files; {changed} entries changed)",
+            dir.display()
+        );
+    }
+}
+
 /// Creates the namespace directory and its `namespace` file.
 fn namespace_dir(v1: &Path, tmp: &Path, namespace: &str) -> Result<PathBuf, CacheError> {
     let ns_dir = v1
         .join("ns")
         .join(Sha512::of(namespace.as_bytes()).short(32));
     let dirs = ns_dir.join("dirs");
-    std::fs::create_dir_all(&dirs).map_err(io_err(&dirs))?;
+    disk::create_private_dir_all(&dirs).map_err(io_err(&dirs))?;
     let text_path = ns_dir.join("namespace");
     match std::fs::read_to_string(&text_path) {
         Ok(t) if t == namespace => {}
@@ -196,16 +232,18 @@ impl Cache {
     /// leftovers, scans the blobs and loads the tables.
     pub fn open(opts: CacheOptions) -> Result<Arc<Cache>, CacheError> {
         let dir = opts.dir;
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        check_layout(&dir)?;
+        disk::create_private_dir_all(&dir).map_err(io_err(&dir))?;
         let v1 = dir.join(format!("v{LAYOUT_VERSION}"));
+        tighten_tree(&dir, &v1);
+        check_layout(&dir)?;
         let tmp = v1.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        disk::create_private_dir_all(&tmp).map_err(io_err(&tmp))?;
         let lock_path = v1.join("open.lock");
         let mut lock = disk::OpenLock::acquire(&lock_path).map_err(io_err(&lock_path))?;
         disk::clean_tmp(&tmp, lock.alone);
         let alone = lock.alone;
         lock.share();
+        tables::migrate_namespaces(&v1, &tmp);
         let ns_dir = namespace_dir(&v1, &tmp, &opts.namespace)?;
         let blobs = BlobStore::open(v1.join("blobs"), v1.clone(), opts.max_bytes)?;
         // Blobs are fsynced after they are named (see `blobs::insert`): a session that
@@ -234,10 +272,17 @@ impl Cache {
                 }
             }
         }
-        let _ = std::fs::write(
-            &marker,
-            b"a session using this cache is running or ended without closing it\n",
-        );
+        let _ = disk::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&marker)
+            .and_then(|mut f| {
+                std::io::Write::write_all(
+                    &mut f,
+                    b"a session using this cache is running or ended without closing it\n",
+                )
+            });
         let tables = Tables::load(&v1, &ns_dir, &tmp);
         Ok(Arc::new(Cache {
             dir,

@@ -308,3 +308,149 @@ impl Drop for Tables {
         }
     }
 }
+
+/// Renames every namespace directory whose `namespace` names a server URL with
+/// credentials (as releases before 0.x stored it) to the directory of the same URL
+/// without them, rewriting its `namespace` file; when that directory exists already, the
+/// known keys, first-seen times (earliest wins) and saved answers (the existing ones
+/// win) are merged into it and the old directory is removed. Errors are logged: at
+/// worst a namespace starts empty, as a new one would.
+pub(crate) fn migrate_namespaces(v1: &Path, tmp: &Path) {
+    let Ok(rd) = std::fs::read_dir(v1.join("ns")) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let old = entry.path();
+        let Ok(text) = std::fs::read_to_string(old.join("namespace")) else {
+            continue;
+        };
+        let clean = crate::config::without_credentials(&text);
+        if clean == text {
+            continue;
+        }
+        let new = v1.join("ns").join(Sha512::of(clean.as_bytes()).short(32));
+        if let Err(e) = migrate_one(&old, &new, &clean, tmp) {
+            tracing::warn!(dir = %old.display(), error = %e, "cannot migrate a namespace directory named after a URL with credentials");
+        } else {
+            tracing::info!(
+                "cache namespace {clean}: moved out of the directory named after its URL with credentials"
+            );
+        }
+    }
+}
+
+fn migrate_one(old: &Path, new: &Path, clean: &str, tmp: &Path) -> std::io::Result<()> {
+    if !new.exists() {
+        // The namespace file first: a crash in between leaves a directory whose text
+        // no longer holds the credentials, found again under its old name (a miss).
+        write_replace(tmp, &old.join("namespace"), clean.as_bytes())?;
+        return std::fs::rename(old, new);
+    }
+    let new_dirs = new.join("dirs");
+    super::disk::create_private_dir_all(&new_dirs)?;
+    let mut keys = parse_keys(read_json(&new.join("keys.json")));
+    for k in parse_keys(read_json(&old.join("keys.json"))) {
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    write_replace(
+        tmp,
+        &new.join("keys.json"),
+        Value::from(keys).to_string().as_bytes(),
+    )?;
+    let mut seen = parse_seen(read_json(&new.join("seen.json")));
+    for (key, times) in parse_seen(read_json(&old.join("seen.json"))) {
+        let mine = seen.entry(key).or_default();
+        for (sha, t) in times {
+            let e = mine.entry(sha).or_insert(t);
+            *e = e.min(t);
+        }
+    }
+    let map: Map<String, Value> = seen
+        .iter()
+        .map(|(key, times)| {
+            let inner: Map<String, Value> = times
+                .iter()
+                .map(|(sha, t)| (sha.hex(), Value::from(*t)))
+                .collect();
+            (key.clone(), Value::Object(inner))
+        })
+        .collect();
+    write_replace(
+        tmp,
+        &new.join("seen.json"),
+        Value::Object(map).to_string().as_bytes(),
+    )?;
+    if let Ok(rd) = std::fs::read_dir(old.join("dirs")) {
+        for e in rd.flatten() {
+            let dest = new_dirs.join(e.file_name());
+            if !dest.exists() {
+                std::fs::rename(e.path(), dest)?;
+            }
+        }
+    }
+    std::fs::remove_dir_all(old)
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    fn ns_dir(v1: &Path, text: &str) -> PathBuf {
+        let d = v1.join("ns").join(Sha512::of(text.as_bytes()).short(32));
+        std::fs::create_dir_all(d.join("dirs")).unwrap();
+        std::fs::write(d.join("namespace"), text).unwrap();
+        d
+    }
+
+    #[test]
+    fn credentialed_namespace_is_merged_into_the_clean_one() {
+        let tmp_dir = tempfile::tempdir().unwrap();
+        let v1 = tmp_dir.path().join("v1");
+        let tmp = v1.join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let a = Sha512::of(b"a");
+        let b = Sha512::of(b"b");
+        let old = ns_dir(&v1, "http://u:pw@h/shadir");
+        std::fs::write(old.join("keys.json"), r#"["k1", "k2"]"#).unwrap();
+        std::fs::write(
+            old.join("seen.json"),
+            format!(r#"{{"k1": {{"{}": 5.0, "{}": 7.0}}}}"#, a.hex(), b.hex()),
+        )
+        .unwrap();
+        std::fs::write(old.join("dirs").join("x.json"), "old x").unwrap();
+        std::fs::write(old.join("dirs").join("y.json"), "old y").unwrap();
+        let new = ns_dir(&v1, "http://h/shadir");
+        std::fs::write(new.join("keys.json"), r#"["k2", "k3"]"#).unwrap();
+        std::fs::write(
+            new.join("seen.json"),
+            format!(r#"{{"k1": {{"{}": 9.0}}}}"#, a.hex()),
+        )
+        .unwrap();
+        std::fs::write(new.join("dirs").join("x.json"), "new x").unwrap();
+        // A third, credentialed, with no clean twin: renamed.
+        let lone = ns_dir(&v1, "https://u@other/d");
+        std::fs::write(lone.join("keys.json"), r#"["z"]"#).unwrap();
+
+        migrate_namespaces(&v1, &tmp);
+
+        assert!(!old.exists() && !lone.exists());
+        assert_eq!(
+            parse_keys(read_json(&new.join("keys.json"))),
+            vec!["k2", "k3", "k1"]
+        );
+        let seen = parse_seen(read_json(&new.join("seen.json")));
+        assert_eq!(seen["k1"][&a], 5.0, "the earliest first-seen time wins");
+        assert_eq!(seen["k1"][&b], 7.0);
+        let read = |f: &str| std::fs::read_to_string(new.join("dirs").join(f)).unwrap();
+        assert_eq!(read("x.json"), "new x");
+        assert_eq!(read("y.json"), "old y");
+        let renamed = v1.join("ns").join(Sha512::of(b"https://other/d").short(32));
+        assert_eq!(
+            std::fs::read_to_string(renamed.join("namespace")).unwrap(),
+            "https://other/d"
+        );
+        assert_eq!(parse_keys(read_json(&renamed.join("keys.json"))), vec!["z"]);
+    }
+}

@@ -106,10 +106,25 @@ fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/tmp"))
 }
 
+/// The cache namespace of a configuration: its shadir server, identified by its URL
+/// without credentials (the namespace is stored in the cache and the outbox).
+pub fn namespace_of(cfg: &Config) -> String {
+    crate::config::without_credentials(cfg.download_dir_url.as_deref().unwrap_or_default())
+}
+
+fn embedded_store() -> PathBuf {
+    default_data_dir().join("embedded").join("store")
+}
+
+/// The namespace of the embedded default, known without starting it.
+pub fn embedded_namespace() -> String {
+    format!("embedded:{}", embedded_store().display())
+}
+
 /// The embedded default: a server over a local store, with a signing key made on first use.
-async fn embedded() -> Result<(Config, RunningServer, String)> {
+pub async fn embedded() -> Result<(Config, RunningServer, String)> {
     let data = default_data_dir().join("embedded");
-    let store = data.join("store");
+    let store = embedded_store();
     std::fs::create_dir_all(&store)
         .with_context(|| format!("cannot create {}", store.display()))?;
     let key = data.join("signing.key");
@@ -148,7 +163,7 @@ async fn embedded() -> Result<(Config, RunningServer, String)> {
         srv.dir_url().trim_end_matches("/shadir"),
     );
     eprintln!("shacachefs: {about}");
-    Ok((cfg, srv, format!("embedded:{}", store.display())))
+    Ok((cfg, srv, embedded_namespace()))
 }
 
 /// Runs the mount. `notifier` is the detached child's pipe to the waiting parent.
@@ -269,7 +284,7 @@ pub async fn resolve_config(
     match explicit.or_else(Config::find_default) {
         Some(path) => {
             let cfg = load_config(Some(&path))?;
-            let ns = cfg.download_dir_url.clone().unwrap_or_default();
+            let ns = namespace_of(&cfg);
             Ok((cfg, None, ns))
         }
         None => {
