@@ -1832,3 +1832,32 @@ async fn a_publish_adds_its_entry_without_fetching_the_key_again() {
         .iter()
         .any(|n| n.contains(&sha[..12])));
 }
+
+/// `--retry-uploads` (`Core::retry_pending`) leaves alone an item that another
+/// process has open for writing (it holds the item's writer lock), and publishes it
+/// once that process let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_pending_leaves_items_another_process_writes_alone() {
+    let w = World::new().await;
+    let core = w.core(fast());
+    w.srv.push_rule(Rule::new(Fault::Status(500)).method("PUT"));
+    let data = pseudo_random_bytes(4000, 77);
+    let (e, _) = failed_write(&core, "held", "held.bin", &data).await;
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    let item = assert_kept_for_later(&w, "held.bin", &data);
+    w.srv.clear_rules();
+    // Another process's mount has it open: a lock on another open file description.
+    let other = Outbox::open(&w.cache_dir()).expect("outbox");
+    let held = other.writer_lock(&item.id).expect("writer lock");
+    let (ok, failed) = within("retrying", core.retry_pending()).await;
+    assert_eq!(
+        (ok, failed),
+        (0, 0),
+        "an item open for writing elsewhere was retried"
+    );
+    assert!(w.srv.entries("held").is_none());
+    drop(held);
+    let (ok, failed) = within("retrying", core.retry_pending()).await;
+    assert_eq!((ok, failed), (1, 0));
+    assert_eq!(w.srv.entries("held").map(|e| e.len()), Some(1));
+}

@@ -1193,10 +1193,27 @@ impl Core {
             .collect();
         let (mut ok, mut failed) = (0, 0);
         for id in ids {
+            // An item another process (a second mount) has open for writing is left
+            // alone; the claim keeps it from being opened for writing meanwhile.
+            let claim = match self.outbox.as_ref().map(|o| o.claim(&id)) {
+                Some(Ok(None)) => {
+                    tracing::info!(
+                        "outbox item {id}: open for writing by another process: left alone"
+                    );
+                    continue;
+                }
+                Some(Ok(Some(c))) => Some(c),
+                Some(Err(e)) => {
+                    tracing::debug!("outbox item {id}: {e}");
+                    None
+                }
+                None => None,
+            };
             match self.publish_staged(&id).await {
                 Ok(()) => ok += 1,
                 Err(_) => failed += 1,
             }
+            drop(claim);
         }
         (ok, failed)
     }
