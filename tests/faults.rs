@@ -553,6 +553,19 @@ async fn flipped_byte_is_never_served_nor_cached() {
         2,
         "fetched once more, then EIO"
     );
+    // The second fetch asks caches on the way for a fresh copy; the first does not.
+    let no_cache: Vec<bool> = w
+        .srv
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == blob_target(&sha))
+        .map(|r| r.no_cache)
+        .collect();
+    assert_eq!(
+        no_cache,
+        vec![false, true],
+        "Cache-Control/Pragma no-cache on the retry"
+    );
     assert_not_cached(&core, &sha);
 
     // Corrupt once: the second download verifies.

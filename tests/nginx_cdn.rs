@@ -6,6 +6,8 @@
 //! serve; `Pragma: no-cache` bypasses the cache; cached blobs are served with serve down.
 
 mod common;
+#[path = "common/write_util.rs"]
+mod write_util;
 
 use common::{run_with_timeout, shacachefs, TestServer};
 use shacachefs::digest::Sha512;
@@ -232,4 +234,90 @@ fn nginx_in_front_of_serve_caches_blobs_and_passes_the_rest() {
     assert!(body == data);
     let (status, _, _) = get(nginx.port, "/shadir/cdn-key", "");
     assert_eq!(status, 502);
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A bad copy in a cache on the way heals: nginx's cached copy of a blob is corrupted;
+/// a fresh mount reading through nginx gets the bad bytes once, fetches again with
+/// `Cache-Control`/`Pragma: no-cache` (nginx bypasses its copy and stores the fresh
+/// one), reads the right bytes, and nginx's copy is right from then on.
+#[test]
+fn a_bad_copy_in_the_cdn_heals_through_a_fresh_fetch() {
+    let server = TestServer::start();
+    let work = server.scratch();
+    let nginx_tmp = common::tempdir();
+    let nginx_dir = nginx_tmp.path().to_path_buf();
+    let upstream = server
+        .cache_url()
+        .trim_start_matches("http://")
+        .trim_end_matches("/shacache")
+        .to_string();
+    let nginx = Nginx::start(&nginx_dir, &upstream);
+    let direct = server.config().signer_a().write(&work, "direct.cfg");
+    let through = common::NetworkcacheConfig::for_urls(
+        &format!("{}/shacache", nginx.base()),
+        &format!("{}/shadir", nginx.base()),
+    )
+    .signer_a()
+    .write(&work, "through-nginx.cfg");
+
+    let data = common::pseudo_random_bytes(600_000, 17);
+    let sha = Sha512::of(&data);
+    let file = work.join("heal.bin");
+    std::fs::write(&file, &data).unwrap();
+    let mut up = shacachefs(["upload", "-c"]);
+    up.arg(&direct)
+        .args(["-k", "heal-key", "-f"])
+        .arg(&file)
+        .arg("file=heal.bin");
+    run_with_timeout(up, Duration::from_secs(60)).assert_success();
+    let blob_uri = format!("/shacache/{}", sha.hex());
+    let (status, cache, _) = get(nginx.port, &blob_uri, "");
+    assert_eq!((status, cache.as_str()), (200, "MISS"));
+
+    // Rot in nginx's copy (the body is at the end of its cache file).
+    let cached = files_under(&nginx_dir.join("cache"));
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let mut bytes = std::fs::read(&cached[0]).unwrap();
+    let at = bytes.len() - 1000;
+    bytes[at] ^= 0xff;
+    std::fs::write(&cached[0], &bytes).unwrap();
+    let (status, cache, body) = get(nginx.port, &blob_uri, "");
+    assert_eq!((status, cache.as_str()), (200, "HIT"));
+    assert!(
+        body != data,
+        "the cached copy is not corrupt: the test proves nothing"
+    );
+
+    // A fresh mount through nginx reads the right bytes.
+    let m = write_util::Mount::start(&through, &work.join("mount-cache"), &work.join("mnt"), &[]);
+    let got = write_util::read(&m.path("heal-key/heal.bin"));
+    assert!(got == data, "the mount read other bytes\n{}", m.log_text());
+    drop(m);
+    let bypassed = nginx
+        .log()
+        .iter()
+        .filter(|(m, u, _, c)| m == "GET" && *u == blob_uri && c == "BYPASS")
+        .count();
+    assert_eq!(bypassed, 1, "{:?}", nginx.log());
+    // nginx's copy was replaced by the fresh one.
+    let (status, cache, body) = get(nginx.port, &blob_uri, "");
+    assert_eq!((status, cache.as_str()), (200, "HIT"));
+    assert!(body == data, "nginx still serves its bad copy");
 }

@@ -777,7 +777,8 @@ impl Core {
         Ok(self.cache.insert_and_open(verified, Some(reservation))?)
     }
 
-    /// Downloads and verifies a blob; a mismatch is fetched once more, then EIO.
+    /// Downloads and verifies a blob (a mismatch is fetched once more by the client,
+    /// asking caches on the way for a fresh copy), then EIO.
     async fn download(
         &self,
         sha: &Sha512,
@@ -788,44 +789,27 @@ impl Core {
         let progress = |done: u64, total: Option<u64>| {
             tracing::trace!("{what}: {done}/{total:?} bytes");
         };
-        let mut last = None;
-        for attempt in 1..=2 {
-            match self
-                .client
-                .remote
-                .fetch_blob_bounded(sha, self.cache.tmp_dir(), &progress, room)
-                .await
-            {
-                Ok(v) => {
-                    let n = v.len();
-                    self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
-                    tracing::info!("{what}: fetched {n} bytes in {:.1?}", started.elapsed());
-                    return Ok(v);
-                }
-                Err(RemoteError::Corrupt {
-                    url,
-                    expected,
-                    actual,
-                }) => {
-                    tracing::error!(
-                        "{what}: downloaded content does not match: expected SHA-512 {expected}, got {actual} ({url}){}",
-                        if attempt == 1 { "; retrying once" } else { "" }
-                    );
-                    last = Some(RemoteError::Corrupt {
-                        url,
-                        expected,
-                        actual,
-                    });
-                }
-                Err(e) => {
-                    tracing::error!("{what}: download failed: {e}");
-                    return Err(e.into());
-                }
+        match self
+            .client
+            .remote
+            .fetch_blob_bounded(sha, self.cache.tmp_dir(), &progress, room)
+            .await
+        {
+            Ok(v) => {
+                let n = v.len();
+                self.stats.bytes_fetched.fetch_add(n, Ordering::Relaxed);
+                tracing::info!("{what}: fetched {n} bytes in {:.1?}", started.elapsed());
+                Ok(v)
+            }
+            Err(e @ RemoteError::Corrupt { .. }) => {
+                tracing::error!("{what}: downloaded content does not match twice: {e}");
+                Err(e.into())
+            }
+            Err(e) => {
+                tracing::error!("{what}: download failed: {e}");
+                Err(e.into())
             }
         }
-        Err(last
-            .map(FsError::Remote)
-            .unwrap_or(FsError::Invalid("download retry")))
     }
 
     // ---- operations ----------------------------------------------------------------

@@ -34,6 +34,7 @@ pub(super) async fn fetch(
     tmp_dir: &Path,
     progress: Progress<'_>,
     room: Room<'_>,
+    fresh: bool,
 ) -> Result<VerifiedFile, RemoteError> {
     let inner = &remote.inner;
     let endpoint = Remote::endpoint(&inner.download_cache, "download-cache-url")?;
@@ -49,7 +50,7 @@ pub(super) async fn fetch(
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let result = attempt(remote, &url, &mut file, &mut total, progress, room).await;
+        let result = attempt(remote, &url, &mut file, &mut total, progress, room, fresh).await;
         // A trickle is not progress: it must not reset the count of failed attempts.
         let progressed = file.len() >= high_water.saturating_add(LOW_SPEED_BYTES);
         high_water = high_water.max(file.len());
@@ -96,10 +97,16 @@ async fn attempt(
     total: &mut Option<u64>,
     progress: Progress<'_>,
     room: Room<'_>,
+    fresh: bool,
 ) -> Result<(), RemoteError> {
     let inner = &remote.inner;
     let offset = file.len();
     let mut req = inner.cache_client.get(url);
+    if fresh {
+        req = req
+            .header(reqwest::header::CACHE_CONTROL, "no-cache")
+            .header(reqwest::header::PRAGMA, "no-cache");
+    }
     if let Some(auth) = inner.download_cache.as_ref().and_then(|e| e.auth()) {
         req = req.header(AUTHORIZATION, auth.clone());
     }

@@ -301,14 +301,18 @@ impl Remote {
     }
 
     /// Downloads a blob into a temporary file in `tmp_dir`, hashing as it goes, resuming
-    /// with `Range` after a dropped connection; the result is verified.
+    /// with `Range` after a dropped connection; the result is verified. Bytes that do
+    /// not match are fetched once more with `Cache-Control: no-cache` and `Pragma:
+    /// no-cache`, so that a caching proxy or CDN on the way that holds a bad copy asks
+    /// the origin (and replaces its copy) instead of serving it again.
     pub async fn fetch_blob(
         &self,
         sha: &Sha512,
         tmp_dir: &Path,
         progress: Progress<'_>,
     ) -> Result<VerifiedFile, RemoteError> {
-        fetch::fetch(self, sha, tmp_dir, progress, &unbounded).await
+        self.fetch_blob_bounded(sha, tmp_dir, progress, &unbounded)
+            .await
     }
 
     /// [`Remote::fetch_blob`], each piece of the body first allowed by `room` (the
@@ -320,7 +324,19 @@ impl Remote {
         progress: Progress<'_>,
         room: Room<'_>,
     ) -> Result<VerifiedFile, RemoteError> {
-        fetch::fetch(self, sha, tmp_dir, progress, room).await
+        match fetch::fetch(self, sha, tmp_dir, progress, room, false).await {
+            Err(RemoteError::Corrupt {
+                url,
+                expected,
+                actual,
+            }) => {
+                tracing::error!(
+                    "{url}: downloaded content does not match: expected SHA-512 {expected}, got {actual}; fetching once more, asking caches on the way for a fresh copy"
+                );
+                fetch::fetch(self, sha, tmp_dir, progress, room, true).await
+            }
+            other => other,
+        }
     }
 
     /// `POST {upload-cache-url}` streaming the file; 201 with the echoed hash required.

@@ -179,6 +179,8 @@ pub struct Logged {
     pub chunked: bool,
     /// The fault applied, if any.
     pub fault: Option<String>,
+    /// `Cache-Control: no-cache` and `Pragma: no-cache` both came with it.
+    pub no_cache: bool,
 }
 
 #[derive(Default)]
@@ -577,6 +579,12 @@ fn log(state: &State, head: &Head, status: u16, fault: &Option<Fault>) {
         status,
         chunked: head.is_chunked(),
         fault,
+        no_cache: head
+            .header("cache-control")
+            .is_some_and(|v| v.eq_ignore_ascii_case("no-cache"))
+            && head
+                .header("pragma")
+                .is_some_and(|v| v.eq_ignore_ascii_case("no-cache")),
     });
 }
 
