@@ -871,3 +871,31 @@ fn listing_a_big_key_builds_it_once() {
         "a refresh verified known entries again"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Unmounting.
+
+/// An unmount right after the last close waits for the publishes still in flight (a
+/// file created empty is published at its release, which the kernel sends after
+/// `close()` returned; and a PUT held by a slow server): they are published before the
+/// daemon exits, nothing left pending.
+#[test]
+fn unmount_waits_for_publishes_in_flight() {
+    let w = World::new();
+    let mut m = w.mount(&[]);
+    std::fs::create_dir(m.path("k")).expect("mkdir k");
+    w.srv
+        .push_rule(Rule::new(Fault::Delay(Duration::from_secs(2))).method("PUT"));
+    std::fs::File::create(m.path("k/empty.txt")).expect("touch");
+    m.unmount();
+    assert_eq!(
+        w.published("k", "empty.txt"),
+        vec![Sha512::of(b"").hex()],
+        "the release's publish did not finish before the daemon exited\n{}",
+        m.log_text()
+    );
+    assert!(
+        write_util::outbox_items(&w.cache()).is_empty(),
+        "left pending"
+    );
+}

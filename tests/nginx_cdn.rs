@@ -256,7 +256,8 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// A bad copy in a cache on the way heals: nginx's cached copy of a blob is corrupted;
 /// a fresh mount reading through nginx gets the bad bytes once, fetches again with
 /// `Cache-Control`/`Pragma: no-cache` (nginx bypasses its copy and stores the fresh
-/// one), reads the right bytes, and nginx's copy is right from then on.
+/// one), reads the right bytes, and nginx's copy is right from then on: a second
+/// mount (another machine) is served from nginx's cache.
 #[test]
 fn a_bad_copy_in_the_cdn_heals_through_a_fresh_fetch() {
     let server = TestServer::start();
@@ -316,7 +317,28 @@ fn a_bad_copy_in_the_cdn_heals_through_a_fresh_fetch() {
         .filter(|(m, u, _, c)| m == "GET" && *u == blob_uri && c == "BYPASS")
         .count();
     assert_eq!(bypassed, 1, "{:?}", nginx.log());
-    // nginx's copy was replaced by the fresh one.
+    // nginx's copy was replaced by the fresh one: a second machine's mount reads
+    // through nginx, served from its cache.
+    let m = write_util::Mount::start(
+        &through,
+        &work.join("mount-cache-2"),
+        &work.join("mnt2"),
+        &[],
+    );
+    let got = write_util::read(&m.path("heal-key/heal.bin"));
+    assert!(
+        got == data,
+        "the second mount read other bytes\n{}",
+        m.log_text()
+    );
+    drop(m);
+    let last = nginx
+        .log()
+        .into_iter()
+        .filter(|(m, u, _, _)| m == "GET" && *u == blob_uri)
+        .last()
+        .expect("the second mount's GET");
+    assert_eq!(last.3, "HIT", "{:?}", nginx.log());
     let (status, cache, body) = get(nginx.port, &blob_uri, "");
     assert_eq!((status, cache.as_str()), (200, "HIT"));
     assert!(body == data, "nginx still serves its bad copy");
