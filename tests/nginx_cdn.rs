@@ -335,8 +335,7 @@ fn a_bad_copy_in_the_cdn_heals_through_a_fresh_fetch() {
     let last = nginx
         .log()
         .into_iter()
-        .filter(|(m, u, _, _)| m == "GET" && *u == blob_uri)
-        .last()
+        .rfind(|(m, u, _, _)| m == "GET" && *u == blob_uri)
         .expect("the second mount's GET");
     assert_eq!(last.3, "HIT", "{:?}", nginx.log());
     let (status, cache, body) = get(nginx.port, &blob_uri, "");
