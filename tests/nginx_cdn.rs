@@ -157,19 +157,24 @@ fn get(port: u16, path: &str, extra: &str) -> (u16, String, Vec<u8>) {
     (status, cache, raw[split + 4..].to_vec())
 }
 
-#[test]
-fn nginx_in_front_of_serve_caches_blobs_and_passes_the_rest() {
+/// `serve` on a loopback port and nginx in front of it. nginx's directory is outside
+/// the server's, so that nginx can outlive the server.
+fn serve_behind_nginx() -> (TestServer, tempfile::TempDir, Nginx) {
     let server = TestServer::start();
-    let work = server.scratch();
-    // Outside the server's directory: nginx outlives the server below.
     let nginx_tmp = common::tempdir();
-    let nginx_dir = nginx_tmp.path().to_path_buf();
     let upstream = server
         .cache_url()
         .trim_start_matches("http://")
         .trim_end_matches("/shacache")
         .to_string();
-    let nginx = Nginx::start(&nginx_dir, &upstream);
+    let nginx = Nginx::start(nginx_tmp.path(), &upstream);
+    (server, nginx_tmp, nginx)
+}
+
+#[test]
+fn nginx_in_front_of_serve_caches_blobs_and_passes_the_rest() {
+    let (server, _nginx_tmp, nginx) = serve_behind_nginx();
+    let work = server.scratch();
     let cfg = common::NetworkcacheConfig::for_urls(
         &format!("{}/shacache", nginx.base()),
         &format!("{}/shadir", nginx.base()),
@@ -260,16 +265,9 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// mount (another machine) is served from nginx's cache.
 #[test]
 fn a_bad_copy_in_the_cdn_heals_through_a_fresh_fetch() {
-    let server = TestServer::start();
-    let work = server.scratch();
-    let nginx_tmp = common::tempdir();
+    let (server, nginx_tmp, nginx) = serve_behind_nginx();
     let nginx_dir = nginx_tmp.path().to_path_buf();
-    let upstream = server
-        .cache_url()
-        .trim_start_matches("http://")
-        .trim_end_matches("/shacache")
-        .to_string();
-    let nginx = Nginx::start(&nginx_dir, &upstream);
+    let work = server.scratch();
     let direct = server.config().signer_a().write(&work, "direct.cfg");
     let through = common::NetworkcacheConfig::for_urls(
         &format!("{}/shacache", nginx.base()),

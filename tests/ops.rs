@@ -265,6 +265,20 @@ fn no_secret_in_a_debug_log_of_an_authenticated_upload() {
     );
 }
 
+/// `mount -t fuse.shacachefs CFG MNT -o OPTS` with extra environment variables.
+fn mount_t(cfg: &Path, mnt: &Path, opts: &str, env: &[(&str, &std::ffi::OsStr)]) -> Output {
+    let mut cmd = Command::new("mount");
+    cmd.args(["-t", "fuse.shacachefs"])
+        .arg(cfg)
+        .arg(mnt)
+        .args(["-o", opts]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    without_proxy(&mut cmd);
+    run_with_timeout(cmd, Duration::from_secs(30))
+}
+
 /// Tests that install `/sbin/mount.fuse.shacachefs` take turns.
 static HELPER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -333,15 +347,15 @@ fn mount_helper_finds_a_cargo_installed_binary() {
         "cache_dir={},key=helper-key",
         dir.path().join("cache").display()
     );
-    let mut cmd = Command::new("mount");
-    cmd.args(["-t", "fuse.shacachefs"])
-        .arg(&cfg)
-        .arg(&mnt)
-        .args(["-o", &opts])
-        .env("CARGO_HOME", &cargo_home)
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    without_proxy(&mut cmd);
-    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let out = mount_t(
+        &cfg,
+        &mnt,
+        &opts,
+        &[
+            ("CARGO_HOME", cargo_home.as_os_str()),
+            ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin".as_ref()),
+        ],
+    );
     let ok = out.success() && mounted(&mnt);
     let names: Vec<String> = std::fs::read_dir(&mnt)
         .map(|rd| {
@@ -403,13 +417,7 @@ fn fstab_style_mount_and_umount() {
         "cache_dir={},key=fstab-key,dir_ttl=5,_netdev,nofail",
         dir.path().join("cache").display()
     );
-    let mut cmd = Command::new("mount");
-    cmd.args(["-t", "fuse.shacachefs"])
-        .arg(&cfg)
-        .arg(&mnt)
-        .args(["-o", &opts]);
-    without_proxy(&mut cmd);
-    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let out = mount_t(&cfg, &mnt, &opts, &[]);
     out.assert_success();
     assert!(
         mounted(&mnt),
