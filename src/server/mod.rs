@@ -235,7 +235,20 @@ pub async fn serve(
 pub async fn serve_with(
     listener: TcpListener,
     opts: ServerOptions,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let state = State::open(&opts, &limits)?;
+    serve_state(listener, opts, limits, state, shutdown).await
+}
+
+/// [`serve_with`] over a store already opened (its root lock held from the start, so
+/// that no window lets another server take it for its clean-up of temporary files).
+async fn serve_state(
+    listener: TcpListener,
+    opts: ServerOptions,
     mut limits: Limits,
+    state: State,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     // Each connection may hold a socket and a file (a blob being sent or received).
@@ -250,7 +263,7 @@ pub async fn serve_with(
             limits.max_connections = fit;
         }
     }
-    let state = Arc::new(State::open(&opts, &limits)?);
+    let state = Arc::new(state);
     let gate = limits::Gate::new(limits.max_connections, limits.max_connections_per_client);
     let acceptor = match &opts.tls {
         Some(t) => Some(tls::acceptor(t)?),
@@ -326,14 +339,15 @@ pub async fn start_with(
 ) -> Result<RunningServer, ServerError> {
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    // Check the store and the TLS files now, so `start` reports their errors itself.
-    State::open(&opts, &limits)?;
+    // Open the store and check the TLS files now, so `start` reports their errors
+    // itself; the store stays open (and its root locked) for the server's life.
+    let state = State::open(&opts, &limits)?;
     if let Some(t) = &opts.tls {
         tls::acceptor(t)?;
     }
     let scheme = if opts.tls.is_some() { "https" } else { "http" };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_with(listener, opts, limits, async move {
+    let task = tokio::spawn(serve_state(listener, opts, limits, state, async move {
         let _ = stopped.await;
     }));
     Ok(RunningServer {
