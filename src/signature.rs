@@ -141,14 +141,13 @@ impl Verifier {
             }
         }
         self.memo.done.fetch_add(1, Ordering::Relaxed);
-        let found = self.verify_uncached(inner, signature_b64);
-        let index = found.and_then(|c| self.certs.iter().position(|x| std::ptr::eq(x, c)));
+        let index = self.verify_uncached(inner, signature_b64);
         let mut m = self.memo.verdicts.lock().unwrap_or_else(|p| p.into_inner());
         if m.1.len() >= MEMO_MAX {
             m.1.clear();
         }
         m.1.insert(key, index);
-        found
+        index.and_then(|i| self.certs.get(i))
     }
 
     /// RSA verifications done so far (those answered from memory not counted).
@@ -156,13 +155,14 @@ impl Verifier {
         self.memo.done.load(Ordering::Relaxed)
     }
 
-    fn verify_uncached(&self, inner: &str, signature_b64: &str) -> Option<&TrustedCert> {
+    /// The index of the first certificate that verifies the signature.
+    fn verify_uncached(&self, inner: &str, signature_b64: &str) -> Option<usize> {
         let signature = decode_signature(signature_b64)?;
         // ring's RSA is several times faster than the rsa crate's (a listing may hold
         // thousands of entries); it takes moduli of 1024 bits and more, which covers
         // every production key. Smaller keys go through the rsa crate.
         let mut hashed = None;
-        self.certs.iter().find(|c| {
+        self.certs.iter().position(|c| {
             if c.public_key.size() >= 128 {
                 let key = ring::signature::RsaPublicKeyComponents {
                     n: c.public_key.n().to_bytes_be(),

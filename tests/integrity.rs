@@ -345,24 +345,11 @@ fn an_item_open_for_writing_is_locked_by_the_mount() {
     let m = w.mount(&[]);
     std::fs::create_dir(m.path("k")).expect("mkdir k");
     let path = m.path("k/held.bin");
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import sys; f = open(sys.argv[1], 'wb'); f.write(b'x' * 1000); f.flush(); \
-             print('open', flush=True); sys.stdin.read(); f.close()",
-        )
-        .arg(&path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("python's line");
-    assert_eq!(line.trim(), "open");
+    let mut child = holding(
+        "import sys; f = open(sys.argv[1], 'wb'); f.write(b'x' * 1000); f.flush(); \
+         print('open', flush=True); sys.stdin.read(); f.close()",
+        &path,
+    );
     let outbox = w.cache().join("v1").join("outbox");
     let items: Vec<PathBuf> = std::fs::read_dir(&outbox)
         .expect("outbox")
@@ -458,12 +445,19 @@ fn a_lying_head_never_cuts_or_pads_a_read() {
 /// Starts a process that opens `path`, reads a little and keeps it open until its
 /// standard input closes.
 fn hold_open(path: &Path) -> std::process::Child {
+    holding(
+        "import sys; f = open(sys.argv[1], 'rb'); f.read(10); \
+         print('open', flush=True); sys.stdin.read()",
+        path,
+    )
+}
+
+/// Starts Python `script` on `path`, which prints `open` once it holds the file and
+/// keeps it until its standard input closes; returns once the line came.
+fn holding(script: &str, path: &Path) -> std::process::Child {
     let mut child = Command::new("python3")
         .arg("-c")
-        .arg(
-            "import sys; f = open(sys.argv[1], 'rb'); f.read(10); \
-             print('open', flush=True); sys.stdin.read()",
-        )
+        .arg(script)
         .arg(path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

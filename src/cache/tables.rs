@@ -80,6 +80,21 @@ fn parse_seen(v: Option<Value>) -> Seen {
     out
 }
 
+/// First-seen times as `seen.json` holds them: `{key: {sha512 hex: unix time}}`.
+fn seen_body(seen: &Seen) -> String {
+    let map: Map<String, Value> = seen
+        .iter()
+        .map(|(key, times)| {
+            let inner: Map<String, Value> = times
+                .iter()
+                .map(|(sha, t)| (sha.hex(), Value::from(*t)))
+                .collect();
+            (key.clone(), Value::Object(inner))
+        })
+        .collect();
+    Value::Object(map).to_string()
+}
+
 fn parse_keys(v: Option<Value>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     if let Some(Value::Array(items)) = v {
@@ -276,18 +291,7 @@ impl Tables {
                     }
                 }
                 st.seen_dirty = false;
-                let map: Map<String, Value> = st
-                    .seen
-                    .iter()
-                    .map(|(key, times)| {
-                        let inner: Map<String, Value> = times
-                            .iter()
-                            .map(|(sha, t)| (sha.hex(), Value::from(*t)))
-                            .collect();
-                        (key.clone(), Value::Object(inner))
-                    })
-                    .collect();
-                Value::Object(map).to_string()
+                seen_body(&st.seen)
             };
             if let Err(source) = write_replace(&self.tmp, &self.seen_path, body.as_bytes()) {
                 lock(&self.state).seen_dirty = true;
@@ -367,21 +371,7 @@ fn migrate_one(old: &Path, new: &Path, clean: &str, tmp: &Path) -> std::io::Resu
             *e = e.min(t);
         }
     }
-    let map: Map<String, Value> = seen
-        .iter()
-        .map(|(key, times)| {
-            let inner: Map<String, Value> = times
-                .iter()
-                .map(|(sha, t)| (sha.hex(), Value::from(*t)))
-                .collect();
-            (key.clone(), Value::Object(inner))
-        })
-        .collect();
-    write_replace(
-        tmp,
-        &new.join("seen.json"),
-        Value::Object(map).to_string().as_bytes(),
-    )?;
+    write_replace(tmp, &new.join("seen.json"), seen_body(&seen).as_bytes())?;
     if let Ok(rd) = std::fs::read_dir(old.join("dirs")) {
         for e in rd.flatten() {
             let dest = new_dirs.join(e.file_name());
