@@ -480,7 +480,9 @@ impl Core {
     }
 
     /// A new staged item for `key`/`name`, replacing any staged one of that name (once
-    /// a publish of that one is over: it works on frozen bytes).
+    /// a publish of that one is over: it works on frozen bytes). One that a handle still
+    /// has open is not dropped: it only loses the name, and its handles' close or last
+    /// release publishes what was written into it (acknowledged writes are never lost).
     async fn stage(&self, key: &str, name: &str) -> Result<(String, File), FsError> {
         let outbox = self.writable_outbox()?;
         let old = self.staged_id(key, name);
@@ -494,6 +496,8 @@ impl Core {
             &self.opts.namespace,
             &self.opts.extra_meta,
         ))?;
+        // Asked before the staging lock: `is_open` locks handles.
+        let old = old.filter(|o| !self.is_open(o));
         let mut st = lock(&self.staging);
         if let Some(old) = old.filter(|o| st.items.contains_key(o)) {
             st.remove(&old);
