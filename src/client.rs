@@ -5,11 +5,15 @@
 use crate::config::Config;
 use crate::digest::Sha512;
 use crate::naming::Nameable;
-use crate::remote::{DirListing, Limits, Probe, Progress, Remote, RemoteConfig, RemoteError};
+use crate::remote::{
+    unbounded, DirListing, Limits, Probe, Progress, Remote, RemoteConfig, RemoteError,
+};
 use crate::signature::{SignatureError, Signer, Verifier};
+use crate::store::Store;
 use crate::wire::{build_inner, EntryInfo, Listing, RawEntry};
 use serde_json::{Map, Value};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Who vouches for an entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +121,8 @@ pub enum ClientError {
 /// Remote + trust + signing key.
 #[derive(Clone)]
 pub struct Client {
-    pub remote: Remote,
+    /// shacache and shadir (the real servers, or a test double).
+    pub store: Arc<dyn Store>,
     pub verifier: Verifier,
     pub signer: Option<Signer>,
     /// Warnings from loading (skipped certificates, …), for the caller to log.
@@ -164,7 +169,7 @@ impl Client {
             None => None,
         };
         Ok(Client {
-            remote,
+            store: Arc::new(remote),
             verifier,
             signer,
             warnings,
@@ -176,7 +181,7 @@ impl Client {
         &self,
         key: &str,
     ) -> Result<Option<(Vec<TrustedEntry>, Vec<Hidden>)>, RemoteError> {
-        match self.remote.get_dir(key).await? {
+        match self.store.get_dir(key).await? {
             DirListing::Missing => Ok(None),
             DirListing::Found(listing) => Ok(Some(select_trusted(listing, &self.verifier))),
         }
@@ -191,10 +196,10 @@ impl Client {
         tmp_dir: &Path,
         progress: Progress<'_>,
     ) -> Result<bool, RemoteError> {
-        match self.remote.probe_blob(sha, tmp_dir).await? {
+        match self.store.probe_blob(sha, tmp_dir, &unbounded).await? {
             Probe::Size(_) | Probe::Fetched(_) => Ok(false),
             Probe::Absent => {
-                self.remote.post_blob(path, sha, progress).await?;
+                self.store.post_blob(path, sha, progress).await?;
                 Ok(true)
             }
         }

@@ -26,4 +26,5 @@ pub mod pyjson;
 pub mod remote;
 pub mod server;
 pub mod signature;
+pub mod store;
 pub mod wire;

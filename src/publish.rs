@@ -121,7 +121,7 @@ pub async fn publish(
         if outbox.is_incomplete(id) {
             return Ok(None);
         }
-        client.remote.put_dir(&key, &entry).await?;
+        client.store.put_dir(&key, &entry).await?;
         Ok::<Option<bool>, RemoteError>(Some(uploaded))
     }
     .await;

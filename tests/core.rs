@@ -518,7 +518,7 @@ async fn trust_filters_entries_by_signer() {
         inner: good.replace("t.txt", "t2.txt"),
         signature,
     };
-    w.a.remote.put_dir("mixed", &entry).await.unwrap();
+    w.a.store.put_dir("mixed", &entry).await.unwrap();
 
     let only_a = w.core(opts());
     let names = file_names(&only_a, "mixed").await;
@@ -749,7 +749,7 @@ async fn listing_refreshes_after_dir_ttl_not_before() {
     let listed_at = Instant::now();
     let entry =
         w.a.make_entry(&two, &mount_util::meta(json!({"file": "two.txt"})));
-    w.a.remote.put_dir("ttl", &entry).await.unwrap();
+    w.a.store.put_dir("ttl", &entry).await.unwrap();
     let names = file_names(&core, "ttl").await;
     let dir = key_ino(&core, "ttl").await;
     let early = core.lookup(dir, "two.txt").await;

@@ -69,8 +69,8 @@ pub async fn run(args: DownloadArgs) -> Result<()> {
     };
     let bar = progress_bar("download");
     let verified = client
-        .remote
-        .fetch_blob(&sha, &tmp_dir, &track(&bar))
+        .store
+        .fetch_blob(&sha, &tmp_dir, &track(&bar), &crate::remote::unbounded)
         .await?;
     bar.finish_and_clear();
     match &args.output {

@@ -323,7 +323,7 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
         ..crate::remote::Limits::default()
     };
     let client = super::client_with(&cfg, limits)?;
-    if !client.remote.can_download() {
+    if !client.store.can_download() {
         bail!(
             "{}: download-cache-url and download-dir-url are required to mount",
             cfg.source.display()
@@ -344,7 +344,7 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
     let extra_meta = super::upload::collect_metadata(None, &args.meta)?;
     let writable = if args.options_ro {
         false
-    } else if !client.remote.can_upload() {
+    } else if !client.store.can_upload() {
         eprintln!("shacachefs: no upload-cache-url/upload-dir-url: the mount is read-only");
         false
     } else if !client.verifier.is_empty() && client.signer.is_none() {

@@ -171,7 +171,7 @@ impl Target {
             }
         };
         let client = client_for(&cfg)?;
-        if !client.remote.can_upload() {
+        if !client.store.can_upload() {
             bail!("no upload URLs configured");
         }
         let cache = Cache::open(CacheOptions {

@@ -40,7 +40,7 @@ pub fn collect_metadata(
 pub async fn run(args: UploadArgs) -> Result<()> {
     let cfg = load_config(args.config.config.as_deref())?;
     let client = client_for(&cfg)?;
-    if !client.remote.can_upload() {
+    if !client.store.can_upload() {
         bail!(
             "{}: upload-cache-url and upload-dir-url are required to upload",
             cfg.source.display()
@@ -89,7 +89,7 @@ pub async fn run(args: UploadArgs) -> Result<()> {
     );
     if let Some(key) = key {
         let entry = client.make_entry(&sha, &meta);
-        client.remote.put_dir(&key, &entry).await?;
+        client.store.put_dir(&key, &entry).await?;
         tracing::info!("published {} under key {key}", sha.short(16));
     }
     println!("{sha}");

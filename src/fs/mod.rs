@@ -554,7 +554,7 @@ impl Core {
             }
         }
         self.stats.dir_requests.fetch_add(1, Ordering::Relaxed);
-        match self.client.remote.get_dir(key).await {
+        match self.client.store.get_dir(key).await {
             Ok(DirListing::Found(l)) => {
                 self.cache.store_dir_answer(key, Some(&listing_body(&l)));
                 self.cache.add_known_key(key);
@@ -679,8 +679,8 @@ impl Core {
         let room = |have: u64, to: u64| room_in(&reservation, have, to, None);
         match self
             .client
-            .remote
-            .probe_blob_bounded(sha, self.cache.tmp_dir(), &room)
+            .store
+            .probe_blob(sha, self.cache.tmp_dir(), &room)
             .await?
         {
             Probe::Size(n) => {
@@ -791,8 +791,8 @@ impl Core {
         };
         match self
             .client
-            .remote
-            .fetch_blob_bounded(sha, self.cache.tmp_dir(), &progress, room)
+            .store
+            .fetch_blob(sha, self.cache.tmp_dir(), &progress, room)
             .await
         {
             Ok(v) => {

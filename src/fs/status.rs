@@ -16,7 +16,7 @@ pub const STATUS_XATTR: &str = "user.shacachefs.status";
 impl Core {
     /// The status document. Asks each service once (bounded by 3 s) whether it answers.
     pub async fn status(self: &Arc<Self>) -> Value {
-        let remote = &self.client.remote;
+        let remote = &self.client.store;
         let probe_dir = async {
             match tokio::time::timeout(
                 Duration::from_secs(3),
@@ -33,7 +33,7 @@ impl Core {
         let probe_cache = async {
             match tokio::time::timeout(
                 Duration::from_secs(3),
-                remote.probe_blob(&empty, self.cache.tmp_dir()),
+                remote.probe_blob(&empty, self.cache.tmp_dir(), &crate::remote::unbounded),
             )
             .await
             {

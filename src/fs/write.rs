@@ -729,7 +729,7 @@ impl Core {
         };
         let growing = Arc::new(Growing::default());
         growing.grow(len);
-        let remote = self.client.remote.clone();
+        let remote = self.client.store.clone();
         let g = growing.clone();
         let task = rt.spawn(async move { remote.post_growing(g, file).await });
         self.stats.early_started.fetch_add(1, Ordering::Relaxed);
@@ -760,8 +760,8 @@ impl Core {
             // The hash is known now: a blob shacache already has need not be sent on.
             let probe = self
                 .client
-                .remote
-                .probe_blob(sha, self.cache.tmp_dir())
+                .store
+                .probe_blob(sha, self.cache.tmp_dir(), &crate::remote::unbounded)
                 .await;
             if let Ok(Probe::Size(_) | Probe::Fetched(_)) = probe {
                 task.abort();
@@ -774,7 +774,7 @@ impl Core {
             &mut task,
             || growing.sent(),
             len,
-            self.client.remote.limits(),
+            self.client.store.limits(),
             |_| {},
         )
         .await;

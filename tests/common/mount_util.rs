@@ -108,7 +108,7 @@ pub async fn publish_file(client: &Client, key: &str, path: &Path, metadata: Val
         .await
         .expect("uploading a blob");
     client
-        .remote
+        .store
         .put_dir(key, &client.make_entry(&sha, &meta(metadata)))
         .await
         .expect("publishing an entry");
@@ -149,7 +149,7 @@ pub async fn publish_raw_inner(client: &Client, key: &str, inner: &str) {
         signature,
     };
     client
-        .remote
+        .store
         .put_dir(key, &entry)
         .await
         .expect("publishing a raw entry");
