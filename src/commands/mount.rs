@@ -251,29 +251,38 @@ fn raise_nofile_limit() {
     }
 }
 
-/// `--retry-uploads`: publishes pending files with a backoff from 15 s doubling to
-/// 15 min, for at most 12 rounds (about 2 h), then stops and says so.
+/// `--retry-uploads`: publishes pending files every 15 s while some are pending, backing
+/// off (doubling to 15 min) while the servers answer but refuse or fail them. Rounds
+/// that find the servers unreachable do not count: offline writes are published when
+/// they come back, whenever that is. After 12 counted failures in a row it stops and
+/// says so.
 async fn retry_loop(core: std::sync::Arc<Core>) {
-    let mut delay = Duration::from_secs(15);
-    for _ in 0..12 {
+    let quick = Duration::from_secs(15);
+    let mut delay = quick;
+    let mut failures = 0;
+    while failures < 12 {
         tokio::time::sleep(delay).await;
         if core.pending_count() == 0 {
-            delay = Duration::from_secs(15);
+            delay = quick;
             continue;
         }
         let (ok, failed) = core.retry_pending().await;
         if ok > 0 || failed > 0 {
             tracing::info!("retrying pending uploads: {ok} published, {failed} failed");
         }
-        delay = if failed > 0 {
-            (delay * 2).min(Duration::from_secs(900))
+        delay = if failed == 0 || core.known_unreachable() {
+            quick
         } else {
-            Duration::from_secs(15)
+            failures += 1;
+            (delay * 2).min(Duration::from_secs(900))
         };
+        if failed == 0 {
+            failures = 0;
+        }
     }
-    if core.pending_count() > 0 {
-        tracing::warn!("stopped retrying pending uploads; use `shacachefs outbox retry`");
-    }
+    tracing::warn!(
+        "stopped retrying pending uploads after 12 failed rounds; use `shacachefs outbox retry`"
+    );
 }
 
 /// The configuration to use: `-c`, else a default file, else the embedded default
@@ -405,7 +414,6 @@ async fn start(args: &mut MountArgs) -> Result<Started> {
             mountpoint: args.mountpoint.clone(),
             allow_other: args.allow_other,
             read_only: !writable,
-            passthrough: !args.no_passthrough,
         },
     )?;
     core.set_invalidator(crate::mount::notice_thread(session.notifier()));

@@ -3,7 +3,9 @@
 //! not compile until someone decides what the user sees.
 
 use crate::cache::CacheError;
+use crate::publish::PublishError;
 use crate::remote::RemoteError;
+use std::sync::Arc;
 
 /// What a filesystem operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,21 @@ pub enum FsError {
     Invalid(&'static str),
     #[error("busy: {0}")]
     Busy(&'static str),
+    /// A name the tree cannot hold (not UTF-8).
+    #[error("not a usable name")]
+    BadName,
+    /// Opened for writing while open for reading with FUSE passthrough.
+    #[error("open for reading (passthrough)")]
+    OpenForReading,
+    /// The inode is done with (its blob was replaced while open): look the name up.
+    #[error("stale inode")]
+    Stale,
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// A write into a staged file failed: every close reports it, with its errno,
+    /// until the file is emptied.
+    #[error("the staged file is incomplete: {0}")]
+    Incomplete(Arc<FsError>),
     #[error(transparent)]
     Remote(#[from] RemoteError),
     #[error(transparent)]
@@ -50,6 +67,11 @@ impl FsError {
             FsError::Range => libc::ERANGE,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::Busy(_) => libc::EBUSY,
+            FsError::BadName => libc::EINVAL,
+            FsError::OpenForReading => libc::ETXTBSY,
+            FsError::Stale => libc::ESTALE,
+            FsError::Publish(e) => publish_errno(e),
+            FsError::Incomplete(cause) => cause.errno(),
             FsError::Remote(e) => remote_errno(e),
             FsError::Cache(e) => cache_errno(e),
             FsError::Io(e) => io_errno(e),
@@ -72,6 +94,17 @@ fn remote_errno(e: &RemoteError) -> i32 {
         | RemoteError::TooLarge { .. }
         | RemoteError::Tls(_) => libc::EIO,
         RemoteError::Io(io) => io_errno(io),
+    }
+}
+
+fn publish_errno(e: &PublishError) -> i32 {
+    match e {
+        PublishError::Remote(r) => remote_errno(r),
+        PublishError::Io(io) => io_errno(io),
+        PublishError::Busy => libc::EBUSY,
+        // The item left the outbox (`outbox drop` from another process) or its data
+        // is not the file: the close cannot have stored it.
+        PublishError::Gone(_) | PublishError::Incomplete(_) => libc::EIO,
     }
 }
 
@@ -146,6 +179,24 @@ mod tests {
             };
             assert_eq!(FsError::Cache(out).errno(), code);
         }
+        assert_eq!(
+            FsError::Publish(PublishError::Busy).errno(),
+            libc::EBUSY,
+            "a publish's own errors keep their meaning"
+        );
+        let refused = RemoteError::Refused {
+            url: "u".into(),
+            status: 403,
+            detail: String::new(),
+        };
+        assert_eq!(
+            FsError::Publish(PublishError::Remote(refused)).errno(),
+            libc::EACCES
+        );
+        let full = FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(FsError::Incomplete(Arc::new(full)).errno(), libc::ENOSPC);
+        assert_eq!(FsError::OpenForReading.errno(), libc::ETXTBSY);
+        assert_eq!(FsError::Stale.errno(), libc::ESTALE);
         let timeout = RemoteError::Timeout {
             url: "u".into(),
             message: "m".into(),

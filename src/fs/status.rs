@@ -55,11 +55,7 @@ impl Core {
             "servers": servers,
             "shadir": dir_state,
             "shacache": cache_state,
-            "signature_mode": if self.client.verifier.is_empty() {
-                "unverified".to_string()
-            } else {
-                format!("verified ({} certificates)", self.client.verifier.certs.len())
-            },
+            "signature_mode": self.signature_mode(),
             "writable": self.opts.writable,
             "passthrough": s.passthrough.load(Ordering::Relaxed),
             "cache": {"dir": self.cache.dir(), "used_bytes": used, "limit_bytes": limit, "blobs": blobs},

@@ -7,7 +7,11 @@
 //! left out, and fields are added in metadata order until the listing is full; the rest
 //! are left out (they stay in `.entries.json`).
 
+use super::{status, Core, FsError, KeyListing, Node};
+use crate::digest::Sha512;
 use serde_json::{Map, Value};
+use std::ffi::OsStr;
+use std::sync::Arc;
 
 /// Longest attribute name.
 pub const NAME_MAX: usize = 255;
@@ -63,6 +67,100 @@ pub fn listing(attrs: &[(String, Vec<u8>)]) -> Vec<u8> {
         out.push(0);
     }
     out
+}
+
+impl Core {
+    /// One extended attribute's value (`NoAttr`: the node has no such attribute). The
+    /// root's status document is computed only when it is asked for.
+    pub async fn xattr(self: &Arc<Self>, ino: u64, name: &OsStr) -> Result<Vec<u8>, FsError> {
+        // `ls -l` asks every file for security.* and system.* attributes: none exist.
+        let name = name.to_str().filter(|n| n.starts_with("user."));
+        let name = name.ok_or(FsError::NoAttr)?;
+        if name == status::STATUS_XATTR && self.node(ino)? == Node::Root {
+            return Ok(serde_json::to_vec_pretty(&self.status().await).unwrap_or_default());
+        }
+        self.xattrs(ino)
+            .await?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or(FsError::NoAttr)
+    }
+
+    /// Extended attributes of a node (for listing; see [`Core::xattr`] for values).
+    pub async fn xattrs(self: &Arc<Self>, ino: u64) -> Result<Vec<(String, Vec<u8>)>, FsError> {
+        match self.node(ino)? {
+            Node::Root => Ok(vec![
+                (
+                    "user.shacachefs.signature-mode".into(),
+                    self.signature_mode().into_bytes(),
+                ),
+                // Listed here; its value (which asks the servers) only through `xattr`.
+                (status::STATUS_XATTR.into(), Vec::new()),
+            ]),
+            Node::Entry { key, name, sha } => {
+                let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
+                self.entry_attrs(&listing, &name, &sha)
+                    .ok_or(FsError::NotFound)
+            }
+            Node::Blob(sha) => Ok(vec![
+                ("user.shacache.sha512".into(), sha.hex().into_bytes()),
+                ("user.shacachefs.cached".into(), self.cached_flag(&sha)),
+            ]),
+            Node::Staged(id) => match self.published_node(&id) {
+                // Published a moment ago; the kernel has not forgotten the staged inode.
+                Some(Node::Entry { key, name, sha }) => {
+                    let listing = self.known_listing(&key).await?;
+                    Ok(self.entry_attrs(&listing, &name, &sha).unwrap_or_else(|| {
+                        vec![("user.shacache.sha512".into(), sha.hex().into_bytes())]
+                    }))
+                }
+                Some(_) => Ok(Vec::new()),
+                None => Ok(vec![(
+                    "user.shacachefs.pending".into(),
+                    self.staged_error(&id)
+                        .unwrap_or_else(|| "not published yet".into())
+                        .into_bytes(),
+                )]),
+            },
+            Node::ShaDir | Node::Key(_) | Node::Latest(_) | Node::EntriesJson(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// The attributes of `name` in `listing` while it still shows `sha`.
+    fn entry_attrs(
+        &self,
+        listing: &KeyListing,
+        name: &str,
+        sha: &Sha512,
+    ) -> Option<Vec<(String, Vec<u8>)>> {
+        let f = listing
+            .files
+            .get(name)
+            .filter(|f| f.entry.info.sha512 == *sha)?;
+        Some(entry_xattrs(
+            &sha.hex(),
+            &f.entry.info.metadata,
+            f.entry.signer.label(),
+            self.cache.lookup_blob(sha).is_some(),
+        ))
+    }
+
+    fn cached_flag(&self, sha: &Sha512) -> Vec<u8> {
+        let cached = self.cache.lookup_blob(sha).is_some();
+        if cached { b"1" } else { b"0" }.to_vec()
+    }
+
+    /// How entries are checked: `unverified`, or `verified (N certificates)` (the
+    /// root's attribute and `status` say it the same way).
+    pub fn signature_mode(&self) -> String {
+        let v = &self.client.verifier;
+        if v.is_empty() {
+            "unverified".to_string()
+        } else {
+            format!("verified ({} certificates)", v.certs.len())
+        }
+    }
 }
 
 #[cfg(test)]
