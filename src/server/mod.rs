@@ -2,7 +2,7 @@
 //! `protocol.md` plus HEAD and Range, over a directory.
 //!
 //! This module owns the options, the accept loop, TLS and graceful shutdown. The request
-//! handling lives in submodules: `routes` (dispatch, response helpers), `blobs`
+//! handling lives in submodules: `routes` (dispatch), `response` (helpers), `blobs`
 //! (shacache), `dir` (shadir), `auth` (who may upload) and [`store`] (the on-disk layout,
 //! public so tests can find and tamper with stored data).
 //!
@@ -24,6 +24,7 @@ mod blobs;
 mod dir;
 mod limits;
 mod reqline;
+mod response;
 mod routes;
 pub mod store;
 mod tls;
