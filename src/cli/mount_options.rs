@@ -39,7 +39,15 @@ pub fn parse_command_line(argv: impl IntoIterator<Item = OsString>) -> Result<Cl
     let argv = helper_argv(&argv).unwrap_or(argv);
     let mut cli = Cli::try_parse_from(argv)?;
     if let Command::Mount(m) = &mut cli.command {
-        apply(m).map_err(|e| Cli::command().error(clap::error::ErrorKind::ValueValidation, e))?;
+        apply(m).map_err(|e| {
+            let mut cli = Cli::command();
+            cli.build();
+            let kind = clap::error::ErrorKind::ValueValidation;
+            match cli.find_subcommand_mut("mount") {
+                Some(mount) => mount.error(kind, e),
+                None => cli.error(kind, e),
+            }
+        })?;
     }
     Ok(cli)
 }
