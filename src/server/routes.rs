@@ -142,4 +142,29 @@ mod tests {
         assert_eq!(route("/abc"), Route::NotFound);
         assert_eq!(route("/"), Route::NotFound);
     }
+
+    /// The dispatcher imports the handlers and the helpers; no handler imports it or
+    /// another handler, and the helpers import nothing of the server: no cycle.
+    #[test]
+    fn handlers_and_helpers_never_import_the_dispatcher() {
+        let code = |text: &'static str| -> String {
+            let lines = text.lines().filter(|l| !l.trim_start().starts_with("//"));
+            lines.collect::<Vec<_>>().join("\n")
+        };
+        let blobs = code(include_str!("blobs.rs"));
+        let dir = code(include_str!("dir.rs"));
+        let response = code(include_str!("response.rs"));
+        for (file, text) in [("blobs.rs", &blobs), ("dir.rs", &dir)] {
+            assert!(!text.contains("routes"), "{file} refers to routes");
+            assert!(
+                text.contains("super::response::"),
+                "{file}: helpers elsewhere?"
+            );
+        }
+        assert!(!blobs.contains("dir::") && !dir.contains("blobs::"));
+        assert!(
+            !response.contains("super::"),
+            "response.rs imports from the server"
+        );
+    }
 }
