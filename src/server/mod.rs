@@ -223,15 +223,6 @@ fn nofile_limit() -> Option<u64> {
 /// Descriptors kept out of the connection budget (listener, store, logs, runtime).
 const RESERVED_FDS: u64 = 64;
 
-/// Serves on an already bound listener until `shutdown` resolves, with default limits.
-pub async fn serve(
-    listener: TcpListener,
-    opts: ServerOptions,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), ServerError> {
-    serve_with(listener, opts, Limits::default(), shutdown).await
-}
-
 /// Serves on an already bound listener until `shutdown` resolves.
 pub async fn serve_with(
     listener: TcpListener,
