@@ -1,5 +1,8 @@
 //! Command-line definitions (clap) and nothing else: each subcommand's arguments become
-//! a plain struct that `commands` takes.
+//! a plain struct that `commands` takes. A mount's `-o` options and the mount(8) helper's
+//! spelling are turned into [`MountArgs`] by [`mount_options`].
+
+pub mod mount_options;
 
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -244,8 +247,10 @@ pub struct MountArgs {
     /// non-root users).
     #[arg(long)]
     pub allow_other: bool,
-    /// Mount options, comma separated: ro, allow_other, and every flag above as
-    /// name=value (cache_dir=…, cache_size=…, dir_ttl=…, key=…, require_signature, …).
+    /// Mount options, comma separated: ro, rw, log_level=LEVEL, and every flag as
+    /// name=value or name (cache_dir=…, cache_size=…, dir_ttl=…, key=…, allow_other,
+    /// require_signature, …); mount(8)'s own (_netdev, nofail, noauto, user, x-systemd.*,
+    /// …) are ignored. Applied after the flags (see `cli::mount_options`).
     #[arg(short = 'o', value_name = "OPTS")]
     pub options: Vec<String>,
     /// Serve cached blobs with pread even where FUSE passthrough is possible.
@@ -272,9 +277,12 @@ pub struct MountArgs {
     /// Deepest JSON nesting accepted in a shadir answer.
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub max_json_depth: usize,
-    /// Set by `-o ro`.
+    /// Set by `-o ro` (cleared by `-o rw`).
     #[arg(skip)]
     pub options_ro: bool,
+    /// Set by `-o log_level=LEVEL` (`--log-level` wins over it).
+    #[arg(skip)]
+    pub options_log_level: Option<String>,
 }
 
 /// Parses a positive number of seconds (`30`, `0.5`).

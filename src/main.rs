@@ -1,7 +1,7 @@
 //! The `shacachefs` binary: parse arguments, set up logging, run one subcommand, turn
 //! its error into one line on stderr and a nonzero exit code.
 
-use clap::Parser;
+use shacachefs::cli::mount_options::parse_command_line;
 use shacachefs::cli::{Cli, Command};
 use shacachefs::commands;
 use std::process::ExitCode;
@@ -37,69 +37,18 @@ fn generate(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `mount -t fuse.shacachefs CONFIG MOUNTPOINT -o OPTS` (and fstab) run
-/// `mount.fuse.shacachefs CONFIG MOUNTPOINT -o OPTS`: the same as
-/// `shacachefs mount -c CONFIG MOUNTPOINT -o OPTS`.
-fn mount_helper_args() -> Option<Vec<std::ffi::OsString>> {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let argv0 = std::path::Path::new(args.first()?)
-        .file_name()?
-        .to_string_lossy()
-        .into_owned();
-    if argv0 != "mount.fuse.shacachefs" && argv0 != "mount.shacachefs" {
-        return None;
-    }
-    let rest = args.split_off(1);
-    let mut out: Vec<std::ffi::OsString> = vec!["shacachefs".into(), "mount".into()];
-    let mut positional = Vec::new();
-    let mut it = rest.into_iter();
-    while let Some(a) = it.next() {
-        match a.to_str() {
-            Some("-o") => {
-                if let Some(v) = it.next() {
-                    out.push("-o".into());
-                    out.push(v);
-                }
-            }
-            // mount(8) flags: -n (no mtab), -s (sloppy), -f (fake), -v (verbose).
-            Some("-n") | Some("-s") | Some("-v") => {}
-            _ => positional.push(a),
-        }
-    }
-    if let [source, mountpoint] = positional.as_slice() {
-        if source != "none" && source != "shacachefs" && !source.is_empty() {
-            out.push("-c".into());
-            out.push(source.clone());
-        }
-        out.push(mountpoint.clone());
-    } else {
-        out.extend(positional);
-    }
-    Some(out)
-}
-
 fn main() -> ExitCode {
-    let cli = match mount_helper_args() {
-        Some(args) => Cli::parse_from(args),
-        None => Cli::parse(),
-    };
+    // Also the mount(8) helper's spelling; a mount's `-o` options are applied here.
+    let cli = parse_command_line(std::env::args_os()).unwrap_or_else(|e| e.exit());
     // A mount detaches before any thread exists; the parent waits for "ready".
     let notifier = match &cli.command {
-        Command::Mount(m)
-            if !m.foreground
-                && !m
-                    .options
-                    .iter()
-                    .any(|o| o.split(',').any(|x| x == "foreground")) =>
-        {
-            match shacachefs::daemon::detach() {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    eprintln!("shacachefs: cannot detach: {e}");
-                    return ExitCode::FAILURE;
-                }
+        Command::Mount(m) if !m.foreground => match shacachefs::daemon::detach() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                eprintln!("shacachefs: cannot detach: {e}");
+                return ExitCode::FAILURE;
             }
-        }
+        },
         _ => None,
     };
     let default_level = match cli.command {
@@ -108,11 +57,7 @@ fn main() -> ExitCode {
     };
     // `-o log_level=…` (fstab) is the mount's spelling of --log-level.
     let o_level = match &cli.command {
-        Command::Mount(m) => m
-            .options
-            .iter()
-            .flat_map(|o| o.split(','))
-            .find_map(|o| o.strip_prefix("log_level=").map(str::to_string)),
+        Command::Mount(m) => m.options_log_level.clone(),
         _ => None,
     };
     let level = cli.log_level.clone().or(o_level);

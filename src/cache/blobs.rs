@@ -1,5 +1,6 @@
 //! The blob store: `blobs/<first 2 hex>/<128 hex>` files, their accounting
-//! ([`LruIndex`]) and eviction.
+//! ([`LruIndex`]) and eviction; `room` holds the downloads' reservations, `scan` finds
+//! the files on disk and re-checks them (`fsck`).
 //!
 //! Design notes:
 //! - Only a verified file renamed into place ever gets a blob name, so any file found
@@ -22,16 +23,20 @@
 //!   a server announced; every reservation in flight counts against the limit and
 //!   against the free space, so concurrent downloads evict for each other.
 
-use super::disk::{free_bytes, remove_entry, PROTECTED};
+mod room;
+mod scan;
+
+pub use room::Reservation;
+use scan::scan;
+
 use super::index::LruIndex;
-use super::{BlobPin, CacheError, FsckReport};
+use super::{BlobPin, CacheError};
 use crate::digest::{Sha512, VerifiedFile};
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How stale a cached blob's mtime (its recency across restarts) may get before an
 /// open stamps it again.
@@ -62,107 +67,6 @@ impl Syncs {
     }
 }
 
-/// Room held in the cache for a download in flight: `reserved` bytes counted against
-/// the limit and, of them, those not written yet against the free space. Grown by
-/// [`Reservation::ensure`] as the bytes arrive; given back when dropped or when the
-/// download enters the cache.
-pub struct Reservation {
-    store: Arc<BlobStore>,
-    reserved: u64,
-    /// Bytes of the download known to be written when the reservation last grew.
-    written: u64,
-}
-
-/// How far ahead of the bytes received a reservation grows.
-const RESERVE_STEP: u64 = 1 << 20;
-
-impl Reservation {
-    /// Bytes held.
-    pub fn bytes(&self) -> u64 {
-        self.reserved
-    }
-
-    /// The download holds `have` bytes and is about to hold `to`: makes sure that much
-    /// is reserved, growing by up to [`RESERVE_STEP`] ahead (less when `hint`, the
-    /// size a server announced, says the blob ends sooner; a hint is never reserved
-    /// beyond that step). `NoSpace` when the file system cannot hold `to` bytes even
-    /// after evicting every closed blob; past the announced size, without evicting any.
-    pub fn ensure(&mut self, have: u64, to: u64, hint: Option<u64>) -> Result<(), CacheError> {
-        if to <= self.reserved {
-            return Ok(());
-        }
-        let ahead = match hint {
-            Some(h) if h >= to => (h - to).min(RESERVE_STEP),
-            _ => RESERVE_STEP,
-        };
-        // Past the size the server announced, the announcement was wrong: such bytes
-        // take free space only, never a cached blob's place. (A body whose size was
-        // not announced at all may use the room of closed blobs.)
-        let evict = hint.is_none_or(|h| to <= h);
-        let target = to.saturating_add(ahead);
-        let have = have.min(to);
-        let store = Arc::clone(&self.store);
-        let mut ix = store.lock();
-        let held = (self.reserved, self.reserved.saturating_sub(self.written));
-        ix.rereserve(held, (0, 0));
-        // Every byte this download may write before it asks again is checked against
-        // the free space (less what the others may still write); when the step ahead
-        // does not fit, only the bytes at hand are asked for.
-        let mut result = store.make_room(&mut ix, target, target - have, evict);
-        let mut target = target;
-        if result.is_err() {
-            target = to;
-            result = store.make_room(&mut ix, target, target - have, evict);
-        }
-        match result {
-            Ok(()) => {
-                ix.rereserve((0, 0), (target, target - have));
-                self.reserved = target;
-                self.written = have;
-                Ok(())
-            }
-            Err(e) => {
-                ix.rereserve((0, 0), held);
-                Err(e)
-            }
-        }
-    }
-
-    /// Gives the reservation back, under a lock the caller holds.
-    fn release(&mut self, ix: &mut LruIndex) {
-        let held = (self.reserved, self.reserved.saturating_sub(self.written));
-        ix.rereserve(held, (0, 0));
-        self.reserved = 0;
-        self.written = 0;
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.reserved > 0 {
-            let store = Arc::clone(&self.store);
-            let mut ix = store.lock();
-            self.release(&mut ix);
-        }
-    }
-}
-
-impl std::fmt::Debug for Reservation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation")
-            .field("reserved", &self.reserved)
-            .field("written", &self.written)
-            .finish()
-    }
-}
-
-/// A blob file found by a scan.
-struct Found {
-    sha: Sha512,
-    len: u64,
-    mtime: SystemTime,
-}
-
 fn io_err(path: &Path, source: io::Error) -> CacheError {
     CacheError::Io {
         path: path.to_path_buf(),
@@ -176,58 +80,6 @@ fn unlink(path: &Path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not remove a blob"),
     }
-}
-
-fn is_shard_name(name: &str) -> bool {
-    name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// Lists the blob files under `root`, removing whatever cannot be one (bad names,
-/// blobs in the wrong shard, directories or links where a blob should be).
-fn scan(root: &Path) -> io::Result<Vec<Found>> {
-    let mut found = Vec::new();
-    for shard in fs::read_dir(root)? {
-        let shard = shard?;
-        let name = shard.file_name();
-        let Ok(file_type) = shard.file_type() else {
-            continue;
-        };
-        if name == PROTECTED {
-            continue;
-        }
-        let shard_name = name.to_str().filter(|n| is_shard_name(n));
-        let Some(shard_name) = shard_name.filter(|_| file_type.is_dir()) else {
-            tracing::warn!(path = %shard.path().display(), "not a blob shard, removing");
-            remove_entry(&shard.path(), file_type.is_dir());
-            continue;
-        };
-        let Ok(entries) = fs::read_dir(shard.path()) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(file_type) = entry.file_type() else {
-                continue;
-            };
-            let sha = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| Sha512::parse(n).ok())
-                .filter(|sha| sha.short(2) == shard_name && file_type.is_file());
-            let Some(sha) = sha else {
-                tracing::warn!(path = %entry.path().display(), "not a blob, removing");
-                remove_entry(&entry.path(), file_type.is_dir());
-                continue;
-            };
-            // A blob unlinked meanwhile by another process is simply not there.
-            let Ok(meta) = entry.metadata() else { continue };
-            found.push(Found {
-                sha,
-                len: meta.len(),
-                mtime: meta.modified().unwrap_or(UNIX_EPOCH),
-            });
-        }
-    }
-    Ok(found)
 }
 
 impl BlobStore {
@@ -512,145 +364,10 @@ impl BlobStore {
         unlink(&self.path_of(sha));
     }
 
-    /// A reservation of `bytes` for a download (see [`Reservation`]); `NoSpace` when the
-    /// file system cannot hold them even after evicting every closed blob. Most callers
-    /// start from 0 and let [`Reservation::ensure`] grow it as bytes arrive.
-    pub(crate) fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, CacheError> {
-        let mut r = Reservation {
-            store: Arc::clone(self),
-            reserved: 0,
-            written: 0,
-        };
-        if bytes > 0 {
-            let mut ix = self.lock();
-            self.make_room(&mut ix, bytes, bytes, true)?;
-            ix.rereserve((0, 0), (bytes, bytes));
-            r.reserved = bytes;
-        }
-        Ok(r)
-    }
-
-    /// `NoSpace` when `bytes` could not fit even after evicting every closed blob (the
-    /// free space, less what downloads in flight still have to write, plus the closed
-    /// blobs). Evicts nothing.
-    pub(crate) fn could_hold(&self, bytes: u64) -> Result<(), CacheError> {
-        let ix = self.lock();
-        let free = free_bytes(&self.fs_probe).map_err(|e| io_err(&self.fs_probe, e))?;
-        let room = free
-            .saturating_sub(ix.reserved().1)
-            .saturating_add(ix.evictable_bytes(None));
-        if room < bytes {
-            return Err(CacheError::NoSpace { needed: bytes });
-        }
-        Ok(())
-    }
-
-    /// Evicts unpinned blobs so that the blobs, the other reservations and `limit_bytes`
-    /// more fit within the limit, then makes sure the file system has `disk_bytes`
-    /// free beyond what the other reservations still have to write, evicting more if
-    /// that helps. The caller's own reservation is not in the index's books meanwhile.
-    /// Without `evict`, only checks the free space.
-    fn make_room(
-        &self,
-        ix: &mut LruIndex,
-        limit_bytes: u64,
-        disk_bytes: u64,
-        evict: bool,
-    ) -> Result<(), CacheError> {
-        let probe = &self.fs_probe;
-        let (others, unwritten) = ix.reserved();
-        let free = || -> Result<u64, CacheError> {
-            Ok(free_bytes(probe)
-                .map_err(|e| io_err(probe, e))?
-                .saturating_sub(unwritten))
-        };
-        if !evict {
-            return match free()? >= disk_bytes {
-                true => Ok(()),
-                false => Err(CacheError::NoSpace { needed: disk_bytes }),
-            };
-        }
-        // Hopeless requests must not empty the cache on their way to failing.
-        if free()?.saturating_add(ix.evictable_bytes(None)) < disk_bytes {
-            return Err(CacheError::NoSpace { needed: disk_bytes });
-        }
-        let budget = self
-            .max_bytes
-            .saturating_sub(others)
-            .saturating_sub(limit_bytes);
-        while let Some((sha, _)) = ix.pop_victim(budget, None) {
-            unlink(&self.path_of(&sha));
-        }
-        // Bounded by the number of blobs: each round forgets one.
-        loop {
-            if free()? >= disk_bytes {
-                return Ok(());
-            }
-            match ix.pop_any_victim(None) {
-                Some((sha, _)) => unlink(&self.path_of(&sha)),
-                None => return Err(CacheError::NoSpace { needed: disk_bytes }),
-            }
-        }
-    }
-
     /// (bytes, limit, count)
     pub(crate) fn usage(&self) -> (u64, u64, usize) {
         let ix = self.lock();
         (ix.total(), self.max_bytes, ix.len())
-    }
-
-    /// Re-hashes every blob file on disk (not only the ones this process knows) and
-    /// removes the wrong or unreadable ones that no pin holds. No lock is held while
-    /// hashing; a file replaced meanwhile (another inode) is left alone.
-    pub(crate) fn fsck(&self) -> Result<FsckReport, CacheError> {
-        self.fsck_since(None)
-    }
-
-    /// `fsck` of the blobs modified at or after `since` (all when `None`).
-    pub(crate) fn fsck_since(&self, since: Option<SystemTime>) -> Result<FsckReport, CacheError> {
-        let found = scan(&self.root).map_err(|e| io_err(&self.root, e))?;
-        let mut report = FsckReport::default();
-        for f in found {
-            if since.is_some_and(|t| f.mtime < t) {
-                continue;
-            }
-            let path = self.path_of(&f.sha);
-            let file = match File::open(&path) {
-                Ok(file) => file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&path, e)),
-            };
-            let ino = file.metadata().map(|m| (m.dev(), m.ino())).ok();
-            let good = match Sha512::of_reader(&file) {
-                Ok((actual, len)) => {
-                    report.checked += 1;
-                    report.bytes += len;
-                    if actual != f.sha {
-                        tracing::warn!(expected = %f.sha, %actual, "fsck: blob does not match its name");
-                    }
-                    actual == f.sha
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "fsck: blob unreadable");
-                    false
-                }
-            };
-            if good {
-                continue;
-            }
-            let mut ix = self.lock();
-            if ix.is_pinned(&f.sha) {
-                report.pinned.push(f.sha);
-                continue;
-            }
-            let now = fs::symlink_metadata(&path).map(|m| (m.dev(), m.ino())).ok();
-            if now.is_some() && now == ino {
-                ix.remove(&f.sha);
-                unlink(&path);
-                report.removed.push(f.sha);
-            }
-        }
-        Ok(report)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::load_config;
 use crate::cache::{Cache, CacheOptions};
-use crate::cli::{parse_size, MountArgs};
+use crate::cli::MountArgs;
 use crate::config::Config;
 use crate::daemon::Notifier;
 use crate::fs::{Core, FsOptions};
@@ -12,71 +12,6 @@ use crate::server::{self, RunningServer, ServerOptions};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// Applies `-o a,b=c` options onto the flags (each flag has an `-o` spelling).
-pub fn apply_options(args: &mut MountArgs) -> Result<()> {
-    let opts: Vec<String> = args
-        .options
-        .iter()
-        .flat_map(|o| {
-            o.split(',')
-                .map(str::trim)
-                .map(String::from)
-                .collect::<Vec<_>>()
-        })
-        .filter(|o| !o.is_empty())
-        .collect();
-    for opt in opts {
-        let (name, value) = match opt.split_once('=') {
-            Some((n, v)) => (n.to_string(), Some(v.to_string())),
-            None => (opt.clone(), None),
-        };
-        let need = |v: &Option<String>| {
-            v.clone()
-                .with_context(|| format!("-o {name} needs a value"))
-        };
-        match name.replace('-', "_").as_str() {
-            "ro" => args.options_ro = true,
-            "allow_other" => args.allow_other = true,
-            "require_signature" => args.require_signature = true,
-            "no_passthrough" => args.no_passthrough = true,
-            "foreground" => args.foreground = true,
-            "retry_uploads" => args.retry_uploads = true,
-            "meta" => args.meta.push(need(&value)?),
-            "cache_dir" => args.cache_dir = Some(PathBuf::from(need(&value)?)),
-            "cache_size" => {
-                args.cache_size = parse_size(&need(&value)?).map_err(anyhow::Error::msg)?
-            }
-            "dir_ttl" => args.dir_ttl = need(&value)?.parse().context("-o dir_ttl")?,
-            "negative_ttl" => {
-                args.negative_ttl = need(&value)?.parse().context("-o negative_ttl")?
-            }
-            "key" => args.keys.push(need(&value)?),
-            "log_file" => args.log_file = Some(PathBuf::from(need(&value)?)),
-            "low_speed_timeout" => {
-                args.low_speed_timeout = need(&value)?.parse().context("-o low_speed_timeout")?
-            }
-            "connect_timeout" => {
-                args.connect_timeout = need(&value)?.parse().context("-o connect_timeout")?
-            }
-            "max_dir_body" => {
-                args.max_dir_body = parse_size(&need(&value)?).map_err(anyhow::Error::msg)?
-            }
-            "max_json_depth" => {
-                args.max_json_depth = need(&value)?.parse().context("-o max_json_depth")?
-            }
-            // Handled by main before logging starts.
-            "log_level" => {}
-            "config" => args.config.config = Some(PathBuf::from(need(&value)?)),
-            // Generic mount(8) options that mean nothing more here.
-            "rw" | "defaults" | "auto" | "noauto" | "nofail" | "user" | "users" | "nouser"
-            | "_netdev" | "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime"
-            | "noatime" | "relatime" => {}
-            other => bail!("unknown mount option -o {other}"),
-        }
-    }
-    Ok(())
-}
 
 pub fn default_cache_dir() -> PathBuf {
     // SAFETY: getuid has no preconditions.
@@ -166,10 +101,12 @@ pub async fn embedded() -> Result<(Config, RunningServer, String)> {
     Ok((cfg, srv, embedded_namespace()))
 }
 
-/// Runs the mount. `notifier` is the detached child's pipe to the waiting parent.
-pub async fn run(mut args: MountArgs, notifier: Option<Notifier>) -> Result<()> {
+/// Runs the mount. `args` has its `-o` options applied already
+/// (`cli::mount_options::parse_command_line`). `notifier` is the detached child's pipe to
+/// the waiting parent.
+pub async fn run(args: MountArgs, notifier: Option<Notifier>) -> Result<()> {
     raise_nofile_limit();
-    let result = start(&mut args).await;
+    let result = start(&args).await;
     let (session_parts, note) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -287,7 +224,7 @@ async fn retry_loop(core: std::sync::Arc<Core>) {
 
 /// The configuration to use: `-c`, else a default file, else the embedded default
 /// (whose server is then running). Also the cache namespace it implies.
-pub async fn resolve_config(
+async fn resolve_config(
     explicit: Option<PathBuf>,
 ) -> Result<(Config, Option<RunningServer>, String)> {
     match explicit.or_else(Config::find_default) {
@@ -312,8 +249,7 @@ type Started = (
     String,
 );
 
-async fn start(args: &mut MountArgs) -> Result<Started> {
-    apply_options(args)?;
+async fn start(args: &MountArgs) -> Result<Started> {
     if !args.mountpoint.exists() {
         std::fs::create_dir_all(&args.mountpoint).with_context(|| {
             format!("cannot create the mountpoint {}", args.mountpoint.display())

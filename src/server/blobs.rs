@@ -8,9 +8,8 @@
 //! A blob name that is not exactly 128 lowercase hex digits is answered 404 without
 //! touching the filesystem (the name is checked before any path is built).
 
-use super::dir::closing;
 use super::limits::{BodyError, PacedBody};
-use super::routes::{empty, full, internal, text, Body};
+use super::response::{closing, empty, full, internal, text, Body};
 use super::{store, State};
 use crate::digest::{HashingFile, Sha512};
 use bytes::Bytes;
@@ -44,7 +43,7 @@ enum Chunk {
 /// `POST /shacache`: stores the body, answers 201 with its SHA-512.
 pub(crate) async fn upload(state: &State, body: Incoming) -> Response<Body> {
     let Ok(_permit) = state.uploads.clone().try_acquire_owned() else {
-        return super::routes::text(
+        return text(
             hyper::StatusCode::TOO_MANY_REQUESTS,
             "too many uploads in progress; retry later\n",
         );

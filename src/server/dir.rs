@@ -13,7 +13,7 @@
 //! hangs up cannot cancel them half-way, and a 201 is only sent once the entry is stored.
 
 use super::limits::{BodyError, PacedBody};
-use super::routes::{empty, full, internal, text, Body};
+use super::response::{closing, empty, full, internal, text, Body};
 use super::{store, State};
 use crate::wire::{self, RawEntry, WireError};
 use base64::Engine;
@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use serde_json::Value;
@@ -166,13 +166,6 @@ pub(crate) async fn put(state: &Arc<State>, segment: &str, body: Incoming) -> Re
         Ok(Err(e)) | Err(e) => return internal("storing a shadir entry", &e),
     }
     empty(StatusCode::CREATED)
-}
-
-/// A response after which the connection is closed (the rest of the body is not read).
-pub(crate) fn closing(mut r: Response<Body>) -> Response<Body> {
-    r.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
-    r
 }
 
 fn stripe(key: &[u8], n: usize) -> usize {

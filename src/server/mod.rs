@@ -2,7 +2,7 @@
 //! `protocol.md` plus HEAD and Range, over a directory.
 //!
 //! This module owns the options, the accept loop, TLS and graceful shutdown. The request
-//! handling lives in submodules: `routes` (dispatch, response helpers), `blobs`
+//! handling lives in submodules: `routes` (dispatch), `response` (helpers), `blobs`
 //! (shacache), `dir` (shadir), `auth` (who may upload) and [`store`] (the on-disk layout,
 //! public so tests can find and tamper with stored data).
 //!
@@ -24,6 +24,7 @@ mod blobs;
 mod dir;
 mod limits;
 mod reqline;
+mod response;
 mod routes;
 pub mod store;
 mod tls;
@@ -221,15 +222,6 @@ fn nofile_limit() -> Option<u64> {
 
 /// Descriptors kept out of the connection budget (listener, store, logs, runtime).
 const RESERVED_FDS: u64 = 64;
-
-/// Serves on an already bound listener until `shutdown` resolves, with default limits.
-pub async fn serve(
-    listener: TcpListener,
-    opts: ServerOptions,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), ServerError> {
-    serve_with(listener, opts, Limits::default(), shutdown).await
-}
 
 /// Serves on an already bound listener until `shutdown` resolves.
 pub async fn serve_with(

@@ -1,4 +1,4 @@
-//! Request dispatch and the response helpers shared by the handlers.
+//! Request dispatch: a path and a method to a handler of `blobs` or `dir`.
 //!
 //! Only two prefixes exist: `/shacache` (POST to it; GET/HEAD `/shacache/<sha512>`) and
 //! `/shadir/<key>` (GET/HEAD/PUT). Everything else is 404; a known path with another
@@ -6,19 +6,13 @@
 //! cannot split it into two segments. Query strings are ignored.
 
 use super::auth::{self, Denied};
+use super::response::{empty, text, Body};
 use super::{blobs, dir, State};
-use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, LOCATION};
+use hyper::header::{HeaderValue, ALLOW, LOCATION};
 use hyper::{Method, Request, Response, StatusCode};
-use std::io;
 use std::sync::Arc;
 use tracing::debug;
-
-/// The body of every response: a fixed buffer or a file stream.
-pub(crate) type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// Which resource a path names.
 #[derive(Debug, PartialEq, Eq)]
@@ -130,37 +124,6 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
     r
 }
 
-/// A response with a short plain-text body.
-pub(crate) fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
-    let mut r = Response::new(full(Bytes::from(msg.into())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-/// A response without a body.
-pub(crate) fn empty(status: StatusCode) -> Response<Body> {
-    let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
-    *r.status_mut() = status;
-    r
-}
-
-/// A body from a buffer.
-pub(crate) fn full(bytes: Bytes) -> Body {
-    Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// A 500 for an I/O failure; the details go to the log, not to the client.
-pub(crate) fn internal(what: &str, e: &dyn std::fmt::Display) -> Response<Body> {
-    tracing::error!("{what}: {e}");
-    text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +141,30 @@ mod tests {
         assert_eq!(route("/shadir/a/b"), Route::NotFound);
         assert_eq!(route("/abc"), Route::NotFound);
         assert_eq!(route("/"), Route::NotFound);
+    }
+
+    /// The dispatcher imports the handlers and the helpers; no handler imports it or
+    /// another handler, and the helpers import nothing of the server: no cycle.
+    #[test]
+    fn handlers_and_helpers_never_import_the_dispatcher() {
+        let code = |text: &'static str| -> String {
+            let lines = text.lines().filter(|l| !l.trim_start().starts_with("//"));
+            lines.collect::<Vec<_>>().join("\n")
+        };
+        let blobs = code(include_str!("blobs.rs"));
+        let dir = code(include_str!("dir.rs"));
+        let response = code(include_str!("response.rs"));
+        for (file, text) in [("blobs.rs", &blobs), ("dir.rs", &dir)] {
+            assert!(!text.contains("routes"), "{file} refers to routes");
+            assert!(
+                text.contains("super::response::"),
+                "{file}: helpers elsewhere?"
+            );
+        }
+        assert!(!blobs.contains("dir::") && !dir.contains("blobs::"));
+        assert!(
+            !response.contains("super::"),
+            "response.rs imports from the server"
+        );
     }
 }

@@ -1,4 +1,6 @@
-//! The server's on-disk store, and the only code that turns names into paths.
+//! The server's on-disk store: `names` (the only code that turns keys and digests into
+//! paths), `files` (blobs put in place, directories, temporaries left by a crash) and,
+//! here, a key's list appended in place with its digest index.
 //!
 //! ```text
 //! ROOT/.tmp-XXXXXX                      uploads being received (deleted on failure)
@@ -13,7 +15,7 @@
 //! A key is any byte string of 1 to [`MAX_KEY_LEN`] bytes. Its file name is the key
 //! percent-encoded (every byte outside `A-Z a-z 0-9 . _ - : = +` becomes `%XX`, uppercase
 //! hex), so it never contains `/` or NUL, and with the `k-` prefix it can never be `.` or
-//! `..`. Encodings longer than [`NAME_CHUNK`] characters are cut into chunks of that size:
+//! `..`. Encodings longer than `names::NAME_CHUNK` characters are cut into chunks of that size:
 //! every chunk but the last names a directory (`d-` prefix), the last the file (`k-`), so
 //! every component stays under the usual 255-byte name limit and file and directory names
 //! cannot collide. The mapping is reversible ([`key_of_path`]).
@@ -21,138 +23,28 @@
 //! Every write is durable: data is fsynced before the rename that publishes it, and the
 //! directory is fsynced after any entry in it was created or renamed.
 
-use crate::digest::{HashedFile, Sha512};
+mod files;
+mod names;
+
+use files::{ensure_dir, sync_dir, TMP_PREFIX};
+pub(crate) use files::{remove_temporaries, store_blob};
+pub use names::{blob_path, key_of_path, key_path, MAX_KEY_LEN};
+pub(crate) use names::{index_path, CACHE_DIR, DIR_DIR};
+
 use crate::pyjson;
 use crate::wire::RawEntry;
-use percent_encoding::{percent_decode, percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::Value;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::{Component, Path, PathBuf};
-
-/// The longest key accepted, in bytes (after percent-decoding the URL).
-pub const MAX_KEY_LEN: usize = 1024;
-/// Directory of the blobs under the root.
-pub const CACHE_DIR: &str = "shacache";
-/// Directory of the shadir lists under the root.
-pub const DIR_DIR: &str = "shadir";
-/// Longest encoded part in one file name (plus a 2-byte prefix: well under 255).
-pub const NAME_CHUNK: usize = 200;
-
-/// Bytes kept as they are in a key's file name.
-const KEY_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'-')
-    .remove(b':')
-    .remove(b'=')
-    .remove(b'+');
-
-/// Where the blob named `sha` lives.
-pub fn blob_path(root: &Path, sha: &Sha512) -> PathBuf {
-    let hex = sha.hex();
-    root.join(CACHE_DIR).join(&hex[..2]).join(hex)
-}
-
-/// Where the list of `key` (its bytes, already percent-decoded from the URL) lives.
-pub fn key_path(root: &Path, key: impl AsRef<[u8]>) -> PathBuf {
-    let encoded = percent_encode(key.as_ref(), KEY_ESCAPES).to_string();
-    let chunks: Vec<&[u8]> = encoded.as_bytes().chunks(NAME_CHUNK).collect();
-    let mut path = root.join(DIR_DIR);
-    for (i, chunk) in chunks.iter().enumerate() {
-        let prefix = if i + 1 == chunks.len() { "k-" } else { "d-" };
-        // Chunks of an ASCII string are ASCII.
-        path.push(format!("{prefix}{}", String::from_utf8_lossy(chunk)));
-    }
-    path
-}
-
-/// The key whose data is stored at `path` (relative to `ROOT/shadir`, or absolute under
-/// it): its list, when the path is one [`key_path`] makes, or that list's index
-/// ([`index_path`]).
-pub fn key_of_path(root: &Path, path: &Path) -> Option<Vec<u8>> {
-    let base = root.join(DIR_DIR);
-    let rel = path.strip_prefix(&base).unwrap_or(path);
-    let parts: Vec<&str> = rel
-        .components()
-        .map(|c| match c {
-            Component::Normal(s) => s.to_str(),
-            _ => None,
-        })
-        .collect::<Option<_>>()?;
-    let (last, dirs) = parts.split_last()?;
-    let mut encoded = String::new();
-    for d in dirs {
-        encoded.push_str(d.strip_prefix("d-")?);
-    }
-    let (name, index) = match last.strip_prefix("k-") {
-        Some(name) => (name, false),
-        None => (last.strip_prefix("i-")?, true),
-    };
-    encoded.push_str(name);
-    let key: Vec<u8> = percent_decode(encoded.as_bytes()).collect();
-    // Only the canonical spelling counts, so one key has exactly one path (and index).
-    let list = key_path(root, &key);
-    let canonical = if index { index_path(&list) } else { list };
-    (!key.is_empty() && canonical == base.join(rel)).then_some(key)
-}
+use std::path::{Path, PathBuf};
 
 /// Why a shadir write failed.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("stored list {0} is not a JSON array; refusing to overwrite it")]
     Corrupt(PathBuf),
-}
-
-/// Publishes a received blob, whose content was hashed to its name on the way in.
-/// Returns whether no blob of that name was there. An existing file is always replaced
-/// (an atomic rename): it may have been damaged, and the new copy is known to be right.
-pub fn store_blob(root: &Path, hashed: HashedFile) -> io::Result<bool> {
-    let dest = blob_path(root, &hashed.sha());
-    let existed = fs::symlink_metadata(&dest).is_ok();
-    let dir = dest.parent().unwrap_or(root);
-    ensure_dir(root, dir)?;
-    hashed.persist(&dest)?;
-    sync_dir(dir)?;
-    Ok(!existed)
-}
-
-/// Prefix of every temporary file the server creates.
-pub const TMP_PREFIX: &str = ".tmp-";
-
-/// Removes the temporary files a killed server left: `ROOT/.tmp-*` (uploads) and
-/// `.tmp-*` anywhere under `ROOT/shadir` (list rewrites). Returns how many.
-pub fn remove_temporaries(root: &Path) -> io::Result<usize> {
-    let mut removed = remove_tmp_in(root, false)?;
-    removed += remove_tmp_in(&root.join(DIR_DIR), true)?;
-    Ok(removed)
-}
-
-fn remove_tmp_in(dir: &Path, recurse: bool) -> io::Result<usize> {
-    let mut removed = 0;
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.as_encoded_bytes();
-        let kind = entry.file_type()?;
-        if name.starts_with(TMP_PREFIX.as_bytes()) && kind.is_file() {
-            match fs::remove_file(entry.path()) {
-                Ok(()) => removed += 1,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        } else if recurse && kind.is_dir() && name.starts_with(b"d-") {
-            removed += remove_tmp_in(&entry.path(), true)?;
-        }
-    }
-    Ok(removed)
 }
 
 // A key's list is a plain JSON array of `[inner, signature]` pairs at rest, written as
@@ -176,7 +68,7 @@ fn remove_tmp_in(dir: &Path, recurse: bool) -> io::Result<usize> {
 /// How every index starts.
 const INDEX_MAGIC: &[u8] = b"#shacachefs-index v1 ";
 /// Bytes of the index header.
-pub const INDEX_HEADER: usize = 128;
+pub(crate) const INDEX_HEADER: usize = 128;
 /// Bytes of one index record.
 const DIGEST_LEN: usize = 16;
 /// Read size for scans and rebuilds.
@@ -184,15 +76,15 @@ const SCAN_CHUNK: usize = 64 * 1024;
 
 /// The committed state of a list, as its index's header records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IndexHeader {
+pub(crate) struct IndexHeader {
     /// Inode of the list file described.
-    pub inode: u64,
+    pub(crate) inode: u64,
     /// Committed length of the list (its last byte is the closing `]`).
-    pub list_end: u64,
+    pub(crate) list_end: u64,
     /// Committed length of the index, header included.
-    pub index_end: u64,
+    pub(crate) index_end: u64,
     /// The list's modification time (ns since the epoch) at the last commit.
-    pub mtime_ns: u64,
+    pub(crate) mtime_ns: u64,
 }
 
 impl IndexHeader {
@@ -212,7 +104,7 @@ impl IndexHeader {
     }
 
     /// Parses an index header; `None` when `bytes` is not one.
-    pub fn parse(bytes: &[u8]) -> Option<IndexHeader> {
+    pub(crate) fn parse(bytes: &[u8]) -> Option<IndexHeader> {
         let rest = bytes.get(..INDEX_HEADER)?.strip_prefix(INDEX_MAGIC)?;
         let mut parts = std::str::from_utf8(rest).ok()?.split_ascii_whitespace();
         let mut next = || parts.next()?.parse::<u64>().ok();
@@ -229,23 +121,13 @@ impl IndexHeader {
     /// How many bytes of a list of `len` bytes and inode `inode` a reader sends before
     /// its own closing `]`; `None` when this header does not describe that file (no
     /// index yet, or the file was replaced or cut since): then the file is sent as it is.
-    pub fn committed_prefix(&self, inode: u64, len: u64) -> Option<u64> {
+    pub(crate) fn committed_prefix(&self, inode: u64, len: u64) -> Option<u64> {
         (self.inode == inode && len >= self.list_end).then_some(self.list_end - 1)
     }
 }
 
-/// The index file beside a list file.
-pub fn index_path(list: &Path) -> PathBuf {
-    let name = list
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let name = name.strip_prefix("k-").unwrap_or(&name);
-    list.with_file_name(format!("i-{name}"))
-}
-
 /// Reads the header of the index of the list at `list` (`None`: no usable index).
-pub fn read_index_header(list: &Path) -> io::Result<Option<IndexHeader>> {
+pub(crate) fn read_index_header(list: &Path) -> io::Result<Option<IndexHeader>> {
     match File::open(index_path(list)) {
         Ok(f) => header_of(&f),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -336,7 +218,7 @@ fn open_current(path: &Path) -> io::Result<Option<(File, File, IndexHeader)>> {
 /// Returns whether it was added. The caller serialises writers of one key. Neither the
 /// list nor its index is ever read whole into memory, and an append writes only the new
 /// item and its digest (a list without a current index is rebuilt first, streaming).
-pub fn append_entry(root: &Path, key: &[u8], entry: &RawEntry) -> Result<bool, StoreError> {
+pub(crate) fn append_entry(root: &Path, key: &[u8], entry: &RawEntry) -> Result<bool, StoreError> {
     use std::os::unix::fs::FileExt;
     let path = key_path(root, key);
     let dir = path.parent().unwrap_or(root).to_path_buf();
@@ -560,295 +442,5 @@ impl<'de, L: Write, I: Write> serde::de::Visitor<'de> for &mut Sink<'_, L, I> {
     }
 }
 
-/// Creates the missing directories from `base` (which exists) down to `dir`, fsyncing
-/// each parent that gained an entry.
-fn ensure_dir(base: &Path, dir: &Path) -> io::Result<()> {
-    let rel = dir
-        .strip_prefix(base)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "directory outside the store"))?;
-    let mut cur = base.to_path_buf();
-    for comp in rel.components() {
-        let Component::Normal(name) = comp else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "unexpected path component in the store",
-            ));
-        };
-        let parent = cur.clone();
-        cur.push(name);
-        match fs::create_dir(&cur) {
-            Ok(()) => sync_dir(&parent)?,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Makes a directory's entries durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usual_keys_have_readable_names() {
-        let root = Path::new("/r");
-        assert_eq!(
-            key_path(root, "file-urlmd5:f213fcd8e97aa729f685b8cb71b976a7"),
-            Path::new("/r/shadir/k-file-urlmd5:f213fcd8e97aa729f685b8cb71b976a7")
-        );
-        assert_eq!(
-            key_path(root, "pypi:pytz=2016.10"),
-            Path::new("/r/shadir/k-pypi:pytz=2016.10")
-        );
-    }
-
-    #[test]
-    fn dangerous_keys_stay_inside() {
-        let root = Path::new("/r");
-        for key in [
-            &b".."[..],
-            b".",
-            b"../x",
-            b"a/b",
-            b"\0",
-            b"/etc/passwd",
-            b"%2F",
-        ] {
-            let p = key_path(root, key);
-            let rel = p.strip_prefix("/r/shadir").unwrap();
-            assert_eq!(rel.components().count(), 1, "{p:?}");
-            assert!(matches!(
-                rel.components().next(),
-                Some(Component::Normal(_))
-            ));
-            assert_eq!(key_of_path(root, &p).as_deref(), Some(key));
-        }
-        assert_eq!(key_path(root, ".."), Path::new("/r/shadir/k-.."));
-        assert_eq!(key_path(root, "a/b"), Path::new("/r/shadir/k-a%2Fb"));
-        assert_eq!(key_path(root, "%2F"), Path::new("/r/shadir/k-%252F"));
-    }
-
-    #[test]
-    fn long_keys_are_split_into_short_names() {
-        let root = Path::new("/r");
-        for len in [199, 200, 201, 400, 401, MAX_KEY_LEN] {
-            for byte in [b'a', b'/'] {
-                let key = vec![byte; len];
-                let p = key_path(root, &key);
-                for c in p.strip_prefix("/r/shadir").unwrap().components() {
-                    assert!(c.as_os_str().len() <= NAME_CHUNK + 2);
-                }
-                assert_eq!(key_of_path(root, &p), Some(key));
-            }
-        }
-        // A key whose encoding is exactly one chunk long and one twice as long do not
-        // collide: the first is a file, the second a directory and a file.
-        let one = key_path(root, vec![b'x'; NAME_CHUNK]);
-        let two = key_path(root, vec![b'x'; 2 * NAME_CHUNK]);
-        assert!(!two.starts_with(&one));
-    }
-
-    #[test]
-    fn non_canonical_names_are_not_keys() {
-        let root = Path::new("/r");
-        assert_eq!(key_of_path(root, Path::new("k-%2f")), None);
-        assert_eq!(key_of_path(root, Path::new("k-a b")), None);
-        assert_eq!(key_of_path(root, Path::new(".tmp-x")), None);
-        assert_eq!(key_of_path(root, Path::new("d-a")), None);
-        assert_eq!(key_of_path(root, Path::new("i-%2f")), None);
-        assert_eq!(
-            key_of_path(root, Path::new("i-a%20b")),
-            Some(b"a b".to_vec())
-        );
-        assert_eq!(key_of_path(root, Path::new("d-a/i-b")), None);
-        assert_eq!(
-            key_of_path(root, Path::new("k-a%20b")),
-            Some(b"a b".to_vec())
-        );
-    }
-
-    #[test]
-    fn append_dedups_and_keeps_unknown_items() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = RawEntry {
-            inner: "{\"sha512\": \"x\"}".into(),
-            signature: String::new(),
-        };
-        assert!(append_entry(dir.path(), b"k", &e).unwrap());
-        assert!(!append_entry(dir.path(), b"k", &e).unwrap());
-        let path = key_path(dir.path(), "k");
-        fs::write(&path, r#"[["a", "b"], 3]"#).unwrap();
-        assert!(append_entry(dir.path(), b"k", &e).unwrap());
-        let v: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-        assert_eq!(v.as_array().unwrap().len(), 3);
-        fs::write(&path, "{}").unwrap();
-        assert!(matches!(
-            append_entry(dir.path(), b"k", &e),
-            Err(StoreError::Corrupt(_))
-        ));
-        assert_eq!(fs::read(&path).unwrap(), b"{}");
-    }
-
-    /// What GET sends for the list at `path` (the same rule as the handler).
-    fn served(path: &Path) -> Vec<u8> {
-        use std::os::unix::fs::MetadataExt;
-        let header = read_index_header(path).unwrap();
-        let bytes = fs::read(path).unwrap();
-        let meta = fs::metadata(path).unwrap();
-        match header.and_then(|h| h.committed_prefix(meta.ino(), meta.len())) {
-            Some(n) => [&bytes[..n as usize], b"]"].concat(),
-            None => bytes,
-        }
-    }
-
-    fn pair(i: usize) -> RawEntry {
-        RawEntry {
-            inner: format!("{{\"sha512\": \"{i}\"}}"),
-            signature: "c2ln".into(),
-        }
-    }
-
-    fn dumps_all(items: &[RawEntry]) -> Vec<u8> {
-        let v = Value::Array(
-            items
-                .iter()
-                .map(|e| {
-                    Value::Array(vec![
-                        Value::String(e.inner.clone()),
-                        Value::String(e.signature.clone()),
-                    ])
-                })
-                .collect(),
-        );
-        pyjson::dumps(&v).into_bytes()
-    }
-
-    #[test]
-    fn appends_in_place_and_serves_json_dumps() {
-        use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = key_path(dir.path(), "k");
-        let items: Vec<RawEntry> = (0..5).map(pair).collect();
-        assert!(append_entry(dir.path(), b"k", &items[0]).unwrap());
-        let ino = fs::metadata(&path).unwrap().ino();
-        for e in &items[1..] {
-            assert!(append_entry(dir.path(), b"k", e).unwrap());
-            assert!(!append_entry(dir.path(), b"k", e).unwrap());
-        }
-        assert_eq!(fs::metadata(&path).unwrap().ino(), ino);
-        // At rest the file itself is the list, exactly as json.dumps writes it.
-        assert_eq!(fs::read(&path).unwrap(), dumps_all(&items));
-        assert_eq!(served(&path), dumps_all(&items));
-    }
-
-    #[test]
-    fn an_append_cut_short_is_never_served_and_is_repaired() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = key_path(dir.path(), "k");
-        let items: Vec<RawEntry> = (0..3).map(pair).collect();
-        for e in &items[..2] {
-            append_entry(dir.path(), b"k", e).unwrap();
-        }
-        // A crash in the middle of the next append: the closing bracket overwritten,
-        // half an item written, the index header not updated.
-        let mut torn = fs::read(&path).unwrap();
-        torn.pop();
-        torn.extend_from_slice(b", [\"{\\\"sha512\\\": \\\"x");
-        {
-            use std::os::unix::fs::FileExt;
-            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
-            f.write_all_at(&torn, 0).unwrap();
-        }
-        assert_eq!(served(&path), dumps_all(&items[..2]));
-        // The next PUT rebuilds from the committed part and appends.
-        assert!(append_entry(dir.path(), b"k", &items[2]).unwrap());
-        assert_eq!(served(&path), dumps_all(&items));
-        assert_eq!(fs::read(&path).unwrap(), dumps_all(&items));
-        assert!(!append_entry(dir.path(), b"k", &items[0]).unwrap());
-    }
-
-    #[test]
-    fn lists_without_an_index_are_served_as_they_are_and_converted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = key_path(dir.path(), "k");
-        let items: Vec<RawEntry> = (0..3).map(pair).collect();
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        // Written by an older server (or by hand, compact).
-        fs::write(
-            &path,
-            serde_json::to_string(&serde_json::json!([
-                [items[0].inner, items[0].signature],
-                [items[1].inner, items[1].signature]
-            ]))
-            .unwrap(),
-        )
-        .unwrap();
-        let compact = fs::read(&path).unwrap();
-        assert_eq!(served(&path), compact);
-        assert!(!append_entry(dir.path(), b"k", &items[1]).unwrap());
-        assert!(append_entry(dir.path(), b"k", &items[2]).unwrap());
-        assert_eq!(served(&path), dumps_all(&items));
-        // An index removed is rebuilt.
-        fs::remove_file(index_path(&path)).unwrap();
-        assert!(!append_entry(dir.path(), b"k", &items[2]).unwrap());
-        // Empty and blank lists.
-        for blank in ["", "  \n", "[]"] {
-            fs::write(&path, blank).unwrap();
-            assert!(append_entry(dir.path(), b"k", &items[0]).unwrap());
-            assert_eq!(served(&path), dumps_all(&items[..1]));
-        }
-    }
-
-    #[test]
-    fn temporaries_are_found_where_the_server_makes_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        fs::create_dir_all(root.join(DIR_DIR).join("d-x")).unwrap();
-        fs::create_dir_all(root.join(CACHE_DIR).join("ab")).unwrap();
-        fs::write(root.join(".tmp-a"), b"").unwrap();
-        fs::write(root.join(DIR_DIR).join(".tmp-b"), b"").unwrap();
-        fs::write(root.join(DIR_DIR).join("d-x").join(".tmp-c"), b"").unwrap();
-        fs::write(root.join(DIR_DIR).join("k-.tmp-keep"), b"[]").unwrap();
-        assert_eq!(remove_temporaries(root).unwrap(), 3);
-        assert!(root.join(DIR_DIR).join("k-.tmp-keep").exists());
-        assert_eq!(remove_temporaries(root).unwrap(), 0);
-    }
-
-    #[test]
-    fn readers_never_see_an_append_in_progress() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = key_path(dir.path(), "k");
-        append_entry(dir.path(), b"k", &pair(0)).unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let root = dir.path().to_path_buf();
-        let writer = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let pad = "p".repeat(64 << 10);
-                for i in 1..300 {
-                    let mut e = pair(i);
-                    e.inner.push_str(&pad);
-                    append_entry(&root, b"k", &e).unwrap();
-                }
-                stop.store(true, std::sync::atomic::Ordering::SeqCst);
-            })
-        };
-        let mut reads = 0;
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            let body = served(&path);
-            assert!(
-                body.ends_with(b"]"),
-                "read {reads}: ends with {:?}",
-                &body[body.len().saturating_sub(20)..]
-            );
-            reads += 1;
-        }
-        writer.join().unwrap();
-        assert!(reads > 0);
-    }
-}
+mod tests;
