@@ -25,5 +25,6 @@ pub mod publish;
 pub mod pyjson;
 pub mod remote;
 pub mod server;
+pub mod sha512;
 pub mod signature;
 pub mod wire;
