@@ -45,19 +45,35 @@ struct Schedule([[u64; 80]; 2]);
 #[target_feature(enable = "avx2,bmi1,bmi2")]
 pub(super) unsafe fn compress(state: &mut [u64; 8], blocks: &[u8]) {
     debug_assert_eq!(blocks.len() % 128, 0);
-    let mut wk = Schedule([[0; 80]; 2]);
+    // Two schedules: the rounds of one pair read one while the other is being filled for
+    // the next pair.
+    // Two schedules: the rounds of one pair read one while the other is being filled for
+    // the next pair. Each has a fixed place (the loop is unrolled twice), so that both
+    // are addressed from the stack pointer and leave the registers to the rounds.
+    let mut wk0 = Schedule([[0; 80]; 2]);
+    let mut wk1 = Schedule([[0; 80]; 2]);
     let mut pairs = blocks.chunks_exact(256);
-    for pair in &mut pairs {
-        let (a, b) = pair.split_at(128);
-        schedule(a, b, &mut wk);
-        rounds(state, &wk.0[0]);
-        rounds(state, &wk.0[1]);
-    }
     let rest = pairs.remainder();
+    if let Some(first) = pairs.next() {
+        schedule(&first[..128], &first[128..], &mut wk0);
+        loop {
+            // The last pair schedules itself again (wasted work, but the same code).
+            let next = pairs.next();
+            rounds_of_pair(state, &wk0, &mut wk1, next.unwrap_or(first));
+            if next.is_none() {
+                break;
+            }
+            let next = pairs.next();
+            rounds_of_pair(state, &wk1, &mut wk0, next.unwrap_or(first));
+            if next.is_none() {
+                break;
+            }
+        }
+    }
     if !rest.is_empty() {
         // One block left: schedule it in both lanes, round once.
-        schedule(rest, rest, &mut wk);
-        rounds(state, &wk.0[0]);
+        schedule(rest, rest, &mut wk0);
+        rounds(state, &wk0.0[0]);
     }
 }
 
@@ -181,4 +197,128 @@ unsafe fn rounds(state: &mut [u64; 8], wk: &[u64; 80]) {
     for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
         *s = s.wrapping_add(v);
     }
+}
+
+/// The 160 rounds of a pair of blocks (A then B) whose `W + K` are in `now`, while the
+/// schedule of the next pair (`na`, `nb`) is computed into `then`: two schedule steps
+/// after every eight rounds, so that the vector units work beside the integer ones.
+#[inline(always)]
+unsafe fn rounds_of_pair(state: &mut [u64; 8], now: &Schedule, then: &mut Schedule, next: &[u8]) {
+    assert!(next.len() >= 256);
+    let (na, nb) = next.split_at(128);
+    let bswap = _mm256_set_epi64x(
+        0x08090a0b0c0d0e0f,
+        0x0001020304050607,
+        0x08090a0b0c0d0e0f,
+        0x0001020304050607,
+    );
+    let kp = K_PAIRED.0.as_ptr() as *const __m256i;
+    let out_a = then.0[0].as_mut_ptr() as *mut __m128i;
+    let out_b = then.0[1].as_mut_ptr() as *mut __m128i;
+    // The 160 words of `now`, A's then B's (the two arrays are contiguous).
+    let wk = now.0.as_ptr() as *const u64;
+    let mut x = [_mm256_setzero_si256(); 8];
+    let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
+    let mut bc = b ^ c;
+
+    macro_rules! round {
+        ($a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident, $w:expr) => {{
+            let s1 = $e.rotate_right(14) ^ $e.rotate_right(18) ^ $e.rotate_right(41);
+            let ch = ($e & $f).wrapping_add(!$e & $g);
+            let t1 = $h.wrapping_add($w).wrapping_add(ch).wrapping_add(s1);
+            $d = $d.wrapping_add(t1);
+            let s0 = $a.rotate_right(28) ^ $a.rotate_right(34) ^ $a.rotate_right(39);
+            let ab = $a ^ $b;
+            let maj = (ab & bc) ^ $b;
+            bc = ab;
+            $h = t1.wrapping_add(s0).wrapping_add(maj);
+        }};
+    }
+    // Rounds r..r+8 (r a multiple of 8 below 160); the names come back to their places.
+    macro_rules! eight {
+        ($r:expr) => {{
+            // SAFETY: r + 7 < 160 words of `now`.
+            let w = wk.add($r);
+            round!(a, b, c, d, e, f, g, h, *w);
+            round!(h, a, b, c, d, e, f, g, *w.add(1));
+            round!(g, h, a, b, c, d, e, f, *w.add(2));
+            round!(f, g, h, a, b, c, d, e, *w.add(3));
+            round!(e, f, g, h, a, b, c, d, *w.add(4));
+            round!(d, e, f, g, h, a, b, c, *w.add(5));
+            round!(c, d, e, f, g, h, a, b, *w.add(6));
+            round!(b, c, d, e, f, g, h, a, *w.add(7));
+        }};
+    }
+    // Adds the working variables into the state (a block done).
+    macro_rules! fold {
+        () => {{
+            for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
+                *s = s.wrapping_add(v);
+            }
+        }};
+    }
+    macro_rules! store {
+        ($p:expr, $w:expr) => {{
+            // SAFETY: $p < 40 pairs: within both halves of `then` and `K_PAIRED`.
+            let s = _mm256_add_epi64($w, _mm256_load_si256(kp.add($p)));
+            _mm_store_si128(out_a.add($p), _mm256_castsi256_si128(s));
+            _mm_store_si128(out_b.add($p), _mm256_extracti128_si256::<1>(s));
+        }};
+    }
+    macro_rules! load {
+        ($j:literal) => {{
+            // SAFETY: 16 * j + 16 <= 128 bytes of each block (checked above).
+            let lo = _mm_loadu_si128(na.as_ptr().add(16 * $j) as *const __m128i);
+            let hi = _mm_loadu_si128(nb.as_ptr().add(16 * $j) as *const __m128i);
+            x[$j] = _mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), bswap);
+            store!($j, x[$j]);
+        }};
+    }
+    macro_rules! step {
+        ($pass:expr, $j:literal) => {{
+            let w15 = _mm256_alignr_epi8::<8>(x[($j + 1) % 8], x[$j]);
+            let w7 = _mm256_alignr_epi8::<8>(x[($j + 5) % 8], x[($j + 4) % 8]);
+            x[$j] = _mm256_add_epi64(
+                _mm256_add_epi64(x[$j], small_sigma0(w15)),
+                _mm256_add_epi64(w7, small_sigma1(x[($j + 7) % 8])),
+            );
+            store!(8 * $pass + 8 + $j, x[$j]);
+        }};
+    }
+
+    // Rounds 0..32 of A beside the eight loads of the next pair.
+    eight!(0);
+    load!(0);
+    load!(1);
+    eight!(8);
+    load!(2);
+    load!(3);
+    eight!(16);
+    load!(4);
+    load!(5);
+    eight!(24);
+    load!(6);
+    load!(7);
+    // Rounds 32..160 beside the four passes of the schedule; A ends at round 80.
+    for pass in 0..4 {
+        let r = 32 + 32 * pass;
+        eight!(r);
+        step!(pass, 0);
+        step!(pass, 1);
+        eight!(r + 8);
+        if pass == 1 {
+            fold!();
+            [a, b, c, d, e, f, g, h] = *state;
+            bc = b ^ c;
+        }
+        step!(pass, 2);
+        step!(pass, 3);
+        eight!(r + 16);
+        step!(pass, 4);
+        step!(pass, 5);
+        eight!(r + 24);
+        step!(pass, 6);
+        step!(pass, 7);
+    }
+    fold!();
 }
