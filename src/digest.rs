@@ -4,7 +4,7 @@
 //! Nothing else in the crate may construct a `VerifiedFile`; code that serves or caches a
 //! blob takes one, so unverified bytes cannot reach a reader by accident.
 
-use sha2::{Digest, Sha512 as Sha512Hasher};
+use crate::sha512::Hasher as Sha512Hasher;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -40,7 +40,7 @@ impl Sha512 {
 
     /// The digest of a byte slice.
     pub fn of(bytes: &[u8]) -> Self {
-        Self::from_hasher(Sha512Hasher::new_with_prefix(bytes))
+        Sha512(crate::sha512::digest(bytes))
     }
 
     /// The digest of everything a reader yields.
@@ -67,9 +67,7 @@ impl Sha512 {
     }
 
     fn from_hasher(h: Sha512Hasher) -> Self {
-        let mut out = [0u8; 64];
-        out.copy_from_slice(&h.finalize());
-        Sha512(out)
+        Sha512(h.finalize())
     }
 
     /// 128 lowercase hex digits.
@@ -335,7 +333,16 @@ impl HashingFile {
     }
 }
 
-/// A fully written temporary file and the digest of its bytes.
+/// A fully written temporary file and the digest of its bytes: a blob named by whatever
+/// arrived (the server's uploads, where any content is acceptable).
+///
+/// Why not a [`VerifiedFile`]: both hold a file whose bytes hash to `sha`, but a
+/// `VerifiedFile` also says that this digest is the one a caller *asked for* (a download,
+/// a cached blob, a staged file hashed under its lock), and the client's cache accepts
+/// only that. A `HashedFile` has no conversion into one, so code that downloads cannot
+/// skip the comparison with the expected name by calling [`HashingFile::finish`] instead
+/// of [`HashingFile::verify`]; and the server's store takes a `HashedFile`, since it names
+/// blobs by their content and expects nothing.
 pub struct HashedFile {
     path: TempPath,
     sha: Sha512,
@@ -361,14 +368,6 @@ impl HashedFile {
         self.path.persist(dest).map_err(|e| e.error)?;
         Ok(())
     }
-    /// A hashed file is verified against its own digest.
-    pub fn into_verified(self) -> VerifiedFile {
-        VerifiedFile {
-            path: self.path,
-            sha: self.sha,
-            len: self.len,
-        }
-    }
 }
 
 /// Adopts a file the caller hashed itself, while holding a lock that kept it unchanged
@@ -391,7 +390,9 @@ pub enum VerifyError {
     Io(#[from] io::Error),
 }
 
-/// A temporary file whose content is known to hash to `sha`. Only a hash match makes one.
+/// A temporary file whose content is known to hash to `sha`, the digest that was expected
+/// of it. Only a hash match against an expected digest makes one (see [`HashedFile`] for
+/// why the two types stay apart).
 #[derive(Debug)]
 pub struct VerifiedFile {
     path: TempPath,

@@ -25,6 +25,7 @@ pub mod publish;
 pub mod pyjson;
 pub mod remote;
 pub mod server;
+pub mod sha512;
 pub mod signature;
 pub mod store;
 pub mod wire;

@@ -159,8 +159,7 @@ fn mtime_ns(meta: &fs::Metadata) -> u64 {
 
 /// What identifies a pair in the index.
 fn pair_digest(inner: &str, signature: &str) -> [u8; DIGEST_LEN] {
-    use sha2::Digest;
-    let mut h = sha2::Sha512::new();
+    let mut h = crate::sha512::Hasher::new();
     h.update((inner.len() as u64).to_le_bytes());
     h.update(inner.as_bytes());
     h.update(signature.as_bytes());
