@@ -5,7 +5,7 @@
 //!
 //! Prints one line per run: `<MB/s> <implementation> <MB/s of CPU time>` (MB = 10^6
 //! bytes), on a buffer of MIB MiB (default 256) of pseudo-random bytes in memory. `--impl` forces one dispatch
-//! path (`avx2-bmi2`, `sha2-crate`); `sha2-asm` times the `sha2` crate's whole hasher as
+//! path (`libcrypto`, `avx2-bmi2`, `sha2-crate`); `sha2-asm` times the `sha2` crate's whole hasher as
 //! the crate used it before (with its `asm` feature), for comparison.
 
 use shacachefs::sha512::{Hasher, Impl};

@@ -206,13 +206,15 @@ impl Core {
         };
         let mut entries: Vec<RawEntry> = old.files.values().map(|f| f.entry.raw.clone()).collect();
         entries.push(entry);
-        let mut built = self.build(
-            key,
-            Listing {
-                entries,
-                rejected: Vec::new(),
-            },
-        );
+        let listing = Listing {
+            entries,
+            rejected: Vec::new(),
+        };
+        // The copy on disk too: a mount started within the TTL uses it instead of asking,
+        // and must see this publish.
+        self.cache
+            .store_dir_answer(key, Some(&listing_body(&listing)));
+        let mut built = self.build(key, listing);
         built.fetched = old.fetched;
         let built = Arc::new(built);
         lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
@@ -225,7 +227,6 @@ impl Core {
         self.fetch_listing(key, false).await
     }
 
-    /// The listing of a key (`None` is an error here: the caller knows it exists).
     /// The servers did not answer (a network error, a timeout, a 5xx): until
     /// [`OFFLINE_RECHECK`] has passed, or something answers, closes fail at once
     /// instead of each waiting for its own timeout.
@@ -251,6 +252,7 @@ impl Core {
         lock(&self.offline).is_some_and(|t| t.elapsed() < OFFLINE_RECHECK)
     }
 
+    /// The listing of a key (`None` is an error here: the caller knows it exists).
     pub(super) async fn known_listing(
         self: &Arc<Self>,
         key: &str,

@@ -4,6 +4,10 @@
 //! stream's SHA-512 is what bounds a cold read or an upload, and the reference client
 //! hashes with OpenSSL, so the speed of this function is the speed of the filesystem.
 //!
+//! - [`Impl::Libcrypto`] (when the system's OpenSSL libcrypto can be loaded, see
+//!   `libcrypto.rs`): OpenSSL's own SHA-512, the reference client's, so a cold read or
+//!   an upload hashes exactly as fast as `networkcache-download` does. Nothing is linked
+//!   at build time; `SHACACHEFS_NO_LIBCRYPTO=1` turns it off.
 //! - [`Impl::Avx2Bmi2`] (x86-64 with AVX2, BMI1 and BMI2, checked at run time): our own
 //!   code in `x86_avx2.rs`, message schedule of two blocks at once in vector registers,
 //!   rounds with `rorx`/`andn`. About as fast as OpenSSL's own AVX2 code.
@@ -14,6 +18,7 @@
 //! target (no `target-cpu`); the choice is made once per hasher, from `std`'s cached CPU
 //! feature detection.
 
+mod libcrypto;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
 
@@ -55,6 +60,8 @@ const H0: [u64; 8] = [
 /// Which compression function a hasher uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Impl {
+    /// The system's OpenSSL libcrypto, loaded at run time (`libcrypto.rs`).
+    Libcrypto,
     /// x86-64 with AVX2, BMI1 and BMI2 (`x86_avx2.rs`).
     Avx2Bmi2,
     /// The `sha2` crate's compression function: any CPU.
@@ -71,6 +78,9 @@ impl Impl {
     /// `Portable`). Tests force each of them.
     pub fn supported() -> Vec<Impl> {
         let mut out = Vec::new();
+        if libcrypto::available() {
+            out.push(Impl::Libcrypto);
+        }
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("bmi1")
@@ -85,6 +95,7 @@ impl Impl {
     /// A short name for benchmarks and logs.
     pub fn name(self) -> &'static str {
         match self {
+            Impl::Libcrypto => "libcrypto",
             Impl::Avx2Bmi2 => "avx2-bmi2",
             Impl::Portable => "sha2-crate",
         }
@@ -100,6 +111,7 @@ impl Impl {
             Impl::Avx2Bmi2 => unsafe { x86_avx2::compress(state, blocks) },
             #[cfg(not(target_arch = "x86_64"))]
             Impl::Avx2Bmi2 => unreachable!("never supported off x86-64"),
+            Impl::Libcrypto => unreachable!("libcrypto hashes whole streams, not blocks"),
             Impl::Portable => {
                 use sha2::digest::generic_array::GenericArray;
                 for block in blocks.chunks_exact(128) {
@@ -120,6 +132,9 @@ pub struct Hasher {
     /// Bytes fed so far (the message length, in bytes, of the padding).
     total: u128,
     imp: Impl,
+    /// OpenSSL's own state, for [`Impl::Libcrypto`] (which keeps the whole stream's
+    /// state itself, not ours).
+    ossl: Option<libcrypto::Ctx>,
 }
 
 impl Default for Hasher {
@@ -154,6 +169,7 @@ impl Hasher {
             buf_len: 0,
             total: 0,
             imp,
+            ossl: (imp == Impl::Libcrypto).then(libcrypto::Ctx::new),
         })
     }
 
@@ -169,6 +185,9 @@ impl Hasher {
 
     fn update_slice(&mut self, mut data: &[u8]) {
         self.total += data.len() as u128;
+        if let Some(ctx) = self.ossl.as_mut() {
+            return ctx.update(data);
+        }
         if self.buf_len > 0 {
             let take = (128 - self.buf_len).min(data.len());
             self.buf[self.buf_len..self.buf_len + take].copy_from_slice(&data[..take]);
@@ -191,6 +210,9 @@ impl Hasher {
 
     /// The digest of everything fed.
     pub fn finalize(mut self) -> [u8; 64] {
+        if let Some(ctx) = self.ossl.take() {
+            return ctx.finish();
+        }
         let bits = self.total.wrapping_mul(8);
         // Padding: 0x80, zeros, and the length in bits as a 128-bit big-endian number,
         // in one block or two.

@@ -37,6 +37,20 @@ async fn a_close_publishes_blob_then_entry_and_shows_it_without_asking_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_mount_started_right_after_a_publish_shows_it() {
+    let rig = Rig::new();
+    rig.names("k").await;
+    rig.cp("f", b"new").await.expect("close");
+    // Within the TTL a new mount uses the listing saved in the cache, which must hold
+    // the publish (it was added in memory without asking shadir).
+    let rig = rig.remount();
+    let gets = rig.store.calls(Op::GetDir);
+    let names: Vec<String> = rig.names("k").await.into_iter().map(|n| n.0).collect();
+    assert_eq!(rig.store.calls(Op::GetDir), gets, "the saved answer was used");
+    assert!(names.contains(&"f".to_string()), "{names:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn only_the_openers_flush_publishes_and_the_last_release_publishes_the_rest() {
     let rig = Rig::new();
     let parent = rig.key("k").await;
