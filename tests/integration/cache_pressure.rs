@@ -13,7 +13,7 @@ use crate::support::faulty;
 use support::Tmpfs;
 
 use faulty::{blob_target, Fault, FaultyServer, Rule};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use shacachefs::cache::{Cache, CacheOptions};
 use shacachefs::client::Client;
 use shacachefs::config::Config;
@@ -21,7 +21,6 @@ use shacachefs::digest::Sha512;
 use shacachefs::fs::{Core, FsError, FsOptions, ROOT_INO};
 use shacachefs::remote::Limits;
 use shacachefs::signature::Signer;
-use shacachefs::wire::{build_inner, RawEntry};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -72,18 +71,12 @@ impl World {
 
     /// Stores `data` and publishes it under `key` as `name`.
     fn publish(&self, key: &str, name: &str, data: &[u8]) -> Sha512 {
-        let sha = self.srv.add_blob(data);
-        let mut meta = Map::new();
-        meta.insert("file".into(), Value::String(name.to_string()));
-        let inner = build_inner(&sha, &meta);
-        self.srv.add_entry(
+        self.srv.publish(
+            &self.signer,
             key,
-            RawEntry {
-                signature: self.signer.sign(&inner),
-                inner,
-            },
-        );
-        sha
+            data,
+            &support::meta(json!({"file": name})),
+        )
     }
 
     /// A read-only core with its cache in `dir`, keeping `max_bytes`.

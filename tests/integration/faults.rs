@@ -17,7 +17,7 @@ use crate::support::faulty;
 use support::files_under;
 use support::Tmpfs;
 
-use faulty::{blob_target, Background, Fault, FaultyServer, Rule};
+use faulty::{blob_target, signed_entry, Background, Fault, FaultyServer, Rule};
 use serde_json::{Map, Value};
 use shacachefs::cache::{Cache, CacheOptions};
 use shacachefs::client::Client;
@@ -83,9 +83,11 @@ fn signed(signer: &Signer, inner: &str) -> RawEntry {
 
 /// The entry the reference client would write for `sha` with `{"file": name}`, signed.
 fn entry_for(signer: &Signer, sha: &Sha512, name: &str) -> RawEntry {
-    let mut meta = Map::new();
-    meta.insert("file".into(), Value::String(name.to_string()));
-    signed(signer, &build_inner(sha, &meta))
+    signed_entry(
+        signer,
+        sha,
+        &support::meta(serde_json::json!({"file": name})),
+    )
 }
 
 /// A faulty server, a signer, a temporary directory for caches and configurations.
@@ -108,9 +110,8 @@ impl World {
 
     /// Stores `data` and publishes it under `key` as `name`.
     fn publish(&self, key: &str, name: &str, data: &[u8]) -> Sha512 {
-        let sha = self.srv.add_blob(data);
-        self.srv.add_entry(key, entry_for(&self.signer, &sha, name));
-        sha
+        let meta = support::meta(serde_json::json!({"file": name}));
+        self.srv.publish(&self.signer, key, data, &meta)
     }
 
     fn cache_dir(&self) -> PathBuf {

@@ -13,10 +13,9 @@ use crate::support;
 use crate::support::faulty;
 
 use faulty::{blob_target, Background, Fault, Rule};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use shacachefs::digest::Sha512;
 use shacachefs::signature::Signer;
-use shacachefs::wire::{build_inner, RawEntry};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,24 +54,13 @@ impl World {
     }
 
     fn mount(&self, extra: &[&str]) -> Mount {
-        Mount::start(
-            &self.cfg,
-            &self.cache(),
-            &self.tmp.path().join("mnt"),
-            extra,
-        )
+        Mount::in_dir(&self.cfg, self.tmp.path(), extra)
     }
 
     /// Stores `data` and publishes it as `name` under `key` with timestamp `ts`.
     fn publish(&self, key: &str, name: &str, data: &[u8], ts: f64) -> Sha512 {
-        let sha = self.srv.add_blob(data);
-        let mut meta = Map::new();
-        meta.insert("file".into(), Value::String(name.into()));
-        meta.insert("timestamp".into(), Value::from(ts));
-        let inner = build_inner(&sha, &meta);
-        let signature = self.signer.sign(&inner);
-        self.srv.add_entry(key, RawEntry { inner, signature });
-        sha
+        let meta = support::meta(serde_json::json!({"file": name, "timestamp": ts}));
+        self.srv.publish(&self.signer, key, data, &meta)
     }
 
     /// The SHA-512s the server's entries under `key` name for file `name`.

@@ -392,7 +392,9 @@ fn pending_uploads_are_reported_at_mount_time() {
         let err = write_and_close(&m.mountpoint.join("p/late.txt"), b"not yet\n").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     }
-    let m = Mount::in_dir(&good, dir.path(), &["-k", "p"]);
+    // Another mountpoint over the same cache: a log of its own.
+    let mnt2 = dir.path().join("mnt2");
+    let m = Mount::start(&good, &dir.path().join("cache"), &mnt2, &["-k", "p"]);
     assert!(
         m.log_text().contains("1 upload(s) pending"),
         "{}",

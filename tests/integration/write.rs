@@ -59,12 +59,7 @@ impl Setup {
     }
 
     fn mount(&self, extra: &[&str]) -> Mount {
-        Mount::start(
-            &self.cfg,
-            &self.cache(),
-            &self.work.path().join("mnt"),
-            extra,
-        )
+        Mount::in_dir(&self.cfg, self.work.path(), extra)
     }
 }
 

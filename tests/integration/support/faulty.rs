@@ -16,9 +16,11 @@
 //! Only `127.0.0.1:0` is ever bound. Every connection task ends when the server stops,
 //! and every deliberate wait (stall, trickle, hold) is bounded by the duration given.
 
+use serde_json::{Map, Value};
 use shacachefs::digest::Sha512;
 use shacachefs::server::store::key_of_path;
-use shacachefs::wire::{parse_put_body, RawEntry};
+use shacachefs::signature::Signer;
+use shacachefs::wire::{build_inner, parse_put_body, RawEntry};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -242,6 +244,16 @@ impl Rule {
     }
 }
 
+/// The entry of `sha` with the metadata `meta` (e.g. `{"file": NAME}`), signed by
+/// `signer`.
+pub fn signed_entry(signer: &Signer, sha: &Sha512, meta: &Map<String, Value>) -> RawEntry {
+    let inner = build_inner(sha, meta);
+    RawEntry {
+        signature: signer.sign(&inner),
+        inner,
+    }
+}
+
 /// `/shacache/<hex>`.
 pub fn blob_target(sha: &Sha512) -> String {
     format!("/shacache/{}", sha.hex())
@@ -395,6 +407,20 @@ impl FaultyServer {
                 );
             }
         }
+    }
+
+    /// Stores `data` and its entry under `key` with the metadata `meta`, signed by
+    /// `signer`; returns the blob's name.
+    pub fn publish(
+        &self,
+        signer: &Signer,
+        key: &str,
+        data: &[u8],
+        meta: &Map<String, Value>,
+    ) -> Sha512 {
+        let sha = self.add_blob(data);
+        self.add_entry(key, signed_entry(signer, &sha, meta));
+        sha
     }
 
     /// Stores a blob; returns its name.

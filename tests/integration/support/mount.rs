@@ -4,7 +4,7 @@
 //!
 //! [`Mount::start`] covers most tests; [`Mount::builder`] adds what a few need (a
 //! wrapper such as `prlimit … --`, another log level). The daemon's output goes to
-//! `MOUNTPOINT.log`, appended to across remounts of the same mountpoint.
+//! `MOUNTPOINT.log`, started afresh by each mount.
 //!
 //! [`Tmpfs`] is the same guard for a small tmpfs disk.
 //!
@@ -127,11 +127,7 @@ impl MountBuilder {
         let mountpoint = self.mountpoint;
         std::fs::create_dir_all(&mountpoint).expect("creating the mountpoint");
         let log = mountpoint.with_extension("log");
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("creating the mount log");
+        let logf = std::fs::File::create(&log).expect("creating the mount log");
         let mut c = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
@@ -221,7 +217,7 @@ impl Mount {
         self.child.as_ref().expect("daemon running").id()
     }
 
-    /// What the daemon printed so far (all mounts of this mountpoint).
+    /// What the daemon printed so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
