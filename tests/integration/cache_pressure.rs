@@ -10,9 +10,9 @@
 
 use crate::support;
 use crate::support::faulty;
-use support::Tmpfs;
+use support::{cert_a, Tmpfs};
 
-use faulty::{blob_target, Fault, FaultyServer, Rule};
+use faulty::{blob_target, Fault, Rule, SignedServer};
 use serde_json::json;
 use shacachefs::cache::{Cache, CacheOptions};
 use shacachefs::client::Client;
@@ -20,7 +20,6 @@ use shacachefs::config::Config;
 use shacachefs::digest::Sha512;
 use shacachefs::fs::{Core, FsError, FsOptions, ROOT_INO};
 use shacachefs::remote::Limits;
-use shacachefs::signature::Signer;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -45,38 +44,19 @@ fn fast() -> Limits {
     }
 }
 
-fn signer_a() -> Signer {
-    Signer::load(&support::fixture("signature/signer-a.pkcs1.key")).expect("fixture signer A")
-}
-
-fn cert_a() -> String {
-    std::fs::read_to_string(support::fixture("signature/signer-a.crt")).expect("signer-a.crt")
-}
-
 /// A faulty server with signed entries, and a directory for caches.
-struct World {
-    tmp: tempfile::TempDir,
-    srv: FaultyServer,
-    signer: Signer,
+struct World(SignedServer);
+
+impl std::ops::Deref for World {
+    type Target = SignedServer;
+    fn deref(&self) -> &SignedServer {
+        &self.0
+    }
 }
 
 impl World {
     async fn new() -> World {
-        World {
-            tmp: support::tempdir(),
-            srv: FaultyServer::start().await,
-            signer: signer_a(),
-        }
-    }
-
-    /// Stores `data` and publishes it under `key` as `name`.
-    fn publish(&self, key: &str, name: &str, data: &[u8]) -> Sha512 {
-        self.srv.publish(
-            &self.signer,
-            key,
-            data,
-            &support::meta(json!({"file": name})),
-        )
+        World(SignedServer::start().await)
     }
 
     /// A read-only core with its cache in `dir`, keeping `max_bytes`.

@@ -15,9 +15,9 @@
 use crate::support;
 use crate::support::faulty;
 use support::files_under;
-use support::Tmpfs;
+use support::{cert_a, signer_a, Tmpfs};
 
-use faulty::{blob_target, signed_entry, Background, Fault, FaultyServer, Rule};
+use faulty::{blob_target, signed_entry, Background, Fault, Rule, SignedServer};
 use serde_json::{Map, Value};
 use shacachefs::cache::{Cache, CacheOptions};
 use shacachefs::client::Client;
@@ -65,14 +65,6 @@ fn fixture(rel: &str) -> PathBuf {
     support::fixture(rel)
 }
 
-fn signer_a() -> Signer {
-    Signer::load(&fixture("signature/signer-a.pkcs1.key")).expect("fixture signer A")
-}
-
-fn cert_a() -> String {
-    std::fs::read_to_string(fixture("signature/signer-a.crt")).expect("signer-a.crt")
-}
-
 /// An entry whose inner text is given as is, signed by A.
 fn signed(signer: &Signer, inner: &str) -> RawEntry {
     RawEntry {
@@ -92,26 +84,23 @@ fn entry_for(signer: &Signer, sha: &Sha512, name: &str) -> RawEntry {
 
 /// A faulty server, a signer, a temporary directory for caches and configurations.
 struct World {
-    tmp: tempfile::TempDir,
-    srv: FaultyServer,
-    signer: Signer,
+    signed: SignedServer,
     others: AtomicUsize,
+}
+
+impl std::ops::Deref for World {
+    type Target = SignedServer;
+    fn deref(&self) -> &SignedServer {
+        &self.signed
+    }
 }
 
 impl World {
     async fn new() -> World {
         World {
-            tmp: support::tempdir(),
-            srv: FaultyServer::start().await,
-            signer: signer_a(),
+            signed: SignedServer::start().await,
             others: AtomicUsize::new(0),
         }
-    }
-
-    /// Stores `data` and publishes it under `key` as `name`.
-    fn publish(&self, key: &str, name: &str, data: &[u8]) -> Sha512 {
-        let meta = support::meta(serde_json::json!({"file": name}));
-        self.srv.publish(&self.signer, key, data, &meta)
     }
 
     fn cache_dir(&self) -> PathBuf {

@@ -394,7 +394,12 @@ impl FaultyServer {
             }
         }
         for path in super::files_under(&root.join("shadir")) {
-            let Some(key) = key_of_path(root, &path) else {
+            // `k-<key>` is a key's list (`i-<key>` its index).
+            let is_list = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("k-"));
+            let Some(key) = key_of_path(root, &path).filter(|_| is_list) else {
                 continue;
             };
             let text = std::fs::read(&path).expect("reading a stored listing");
@@ -517,6 +522,30 @@ impl FaultyServer {
     /// Response body bytes written so far.
     pub fn sent_bytes(&self) -> u64 {
         self.state.sent.load(Ordering::Relaxed)
+    }
+}
+
+/// A fault server whose entries the fixture signer A signs, and a temporary directory
+/// beside it (caches, configurations).
+pub struct SignedServer {
+    pub tmp: tempfile::TempDir,
+    pub srv: FaultyServer,
+    pub signer: Signer,
+}
+
+impl SignedServer {
+    pub async fn start() -> SignedServer {
+        SignedServer {
+            tmp: super::tempdir(),
+            srv: FaultyServer::start().await,
+            signer: super::signer_a(),
+        }
+    }
+
+    /// Stores `data` and publishes it under `key` as `name`.
+    pub fn publish(&self, key: &str, name: &str, data: &[u8]) -> Sha512 {
+        let meta = super::meta(serde_json::json!({ "file": name }));
+        self.srv.publish(&self.signer, key, data, &meta)
     }
 }
 

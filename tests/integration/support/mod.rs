@@ -77,6 +77,28 @@ pub fn close_checked(f: std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs `body` as the test `name` (its full path, e.g. `server::t`) alone in a fresh
+/// process of this test binary, for a test that measures the whole process (its peak
+/// RSS): in this process the other tests running meanwhile would count too.
+#[track_caller]
+pub fn in_own_process(name: &str, body: impl FnOnce()) {
+    const VAR: &str = "SHACACHEFS_TEST_OWN_PROCESS";
+    if std::env::var_os(VAR).is_some_and(|v| v == name) {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut c = Command::new(exe);
+    c.args([name, "--exact", "--test-threads=1"]).env(VAR, name);
+    let out = run_with_timeout(c, CHILD_TIMEOUT);
+    out.assert_success();
+    assert!(
+        out.stdout_text().contains("1 passed"),
+        "{name} did not run in its own process:\n{}",
+        out.describe()
+    );
+}
+
 /// A fresh temporary directory (removed when dropped).
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()

@@ -7,6 +7,7 @@ use shacachefs::client::Client;
 use shacachefs::config::Config;
 use shacachefs::digest::Sha512;
 use shacachefs::remote::Limits;
+use shacachefs::signature::Signer;
 use shacachefs::wire::RawEntry;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,6 +27,11 @@ pub fn signature_fixture(name: &str) -> PathBuf {
 /// Signer A's certificate (PEM text).
 pub fn cert_a() -> String {
     std::fs::read_to_string(signature_fixture("signer-a.crt")).expect("signer-a.crt")
+}
+
+/// Signer A (the private key of `cert_a`).
+pub fn signer_a() -> Signer {
+    Signer::load(&signature_fixture("signer-a.pkcs1.key")).expect("fixture signer A")
 }
 
 /// Signer B's certificate (PEM text).
