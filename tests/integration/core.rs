@@ -849,6 +849,7 @@ async fn corrupt_blob_fails_with_eio_and_is_never_cached() {
 
     // Once the server has the right bytes again, the same mount reads them.
     std::fs::write(&stored, &good).unwrap();
+    srv.load_store(&w.store());
     assert_eq!(read_all(&core, ino).await.unwrap(), data);
     assert!(core.cache().lookup_blob(&sha).is_some());
 }
