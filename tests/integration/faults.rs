@@ -2,7 +2,7 @@
 //! is cut or refused, and when the cache lives on a filesystem that is too small.
 //!
 //! Most tests drive the filesystem core (`shacachefs::fs::Core`) directly against the
-//! fault-injecting server of `common/faulty.rs`; a few use a real FUSE mount where what
+//! fault-injecting server of `support/faulty.rs`; a few use a real FUSE mount where what
 //! the kernel hands to a program matters (`cat` of a corrupt blob, `cp` whose upload
 //! dies). Every wait is bounded, every server is on 127.0.0.1.
 //!
@@ -12,14 +12,12 @@
 //! files; an upload that fails leaves its file intact in the outbox, publishes no entry
 //! for a blob the server does not hold, and `shacachefs outbox retry` later succeeds.
 
-mod common;
-#[path = "common/faulty.rs"]
-mod faulty;
-#[path = "common/write_util.rs"]
-mod write_util;
+use crate::support;
+use crate::support::faulty;
+use support::files_under;
+use support::{cert_a, signer_a, Tmpfs};
 
-use common::{pseudo_random_bytes, run_with_timeout, shacachefs, NetworkcacheConfig, Output};
-use faulty::{blob_target, Background, Fault, FaultyServer, Rule};
+use faulty::{blob_target, signed_entry, Background, Fault, Rule, SignedServer};
 use serde_json::{Map, Value};
 use shacachefs::cache::{Cache, CacheOptions};
 use shacachefs::client::Client;
@@ -36,6 +34,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{pseudo_random_bytes, run_with_timeout, shacachefs, NetworkcacheConfig, Output};
 
 /// The client's low-speed timeout in these tests.
 const LOW_SPEED: Duration = Duration::from_secs(1);
@@ -63,15 +62,7 @@ fn fast() -> Limits {
 }
 
 fn fixture(rel: &str) -> PathBuf {
-    common::fixture(rel)
-}
-
-fn signer_a() -> Signer {
-    Signer::load(&fixture("signature/signer-a.pkcs1.key")).expect("fixture signer A")
-}
-
-fn cert_a() -> String {
-    std::fs::read_to_string(fixture("signature/signer-a.crt")).expect("signer-a.crt")
+    support::fixture(rel)
 }
 
 /// An entry whose inner text is given as is, signed by A.
@@ -84,34 +75,32 @@ fn signed(signer: &Signer, inner: &str) -> RawEntry {
 
 /// The entry the reference client would write for `sha` with `{"file": name}`, signed.
 fn entry_for(signer: &Signer, sha: &Sha512, name: &str) -> RawEntry {
-    let mut meta = Map::new();
-    meta.insert("file".into(), Value::String(name.to_string()));
-    signed(signer, &build_inner(sha, &meta))
+    signed_entry(
+        signer,
+        sha,
+        &support::meta(serde_json::json!({"file": name})),
+    )
 }
 
 /// A faulty server, a signer, a temporary directory for caches and configurations.
 struct World {
-    tmp: tempfile::TempDir,
-    srv: FaultyServer,
-    signer: Signer,
+    signed: SignedServer,
     others: AtomicUsize,
+}
+
+impl std::ops::Deref for World {
+    type Target = SignedServer;
+    fn deref(&self) -> &SignedServer {
+        &self.signed
+    }
 }
 
 impl World {
     async fn new() -> World {
         World {
-            tmp: common::tempdir(),
-            srv: FaultyServer::start().await,
-            signer: signer_a(),
+            signed: SignedServer::start().await,
             others: AtomicUsize::new(0),
         }
-    }
-
-    /// Stores `data` and publishes it under `key` as `name`.
-    fn publish(&self, key: &str, name: &str, data: &[u8]) -> Sha512 {
-        let sha = self.srv.add_blob(data);
-        self.srv.add_entry(key, entry_for(&self.signer, &sha, name));
-        sha
     }
 
     fn cache_dir(&self) -> PathBuf {
@@ -257,25 +246,6 @@ async fn names_in(core: &Arc<Core>, key: &str) -> BTreeSet<String> {
         list.iter().take(3).map(|e| &e.name).collect::<Vec<_>>()
     );
     list.into_iter().skip(2).map(|e| e.name).collect()
-}
-
-/// Every regular file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    // Bounded by the (finite) tree; a symbolic link is reported, never followed.
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(e.path()),
-                _ => found.push(e.path()),
-            }
-        }
-    }
-    found
 }
 
 /// The blob is neither known to the cache nor on its disk, and no temporary file is
@@ -1338,43 +1308,6 @@ async fn upload_refused_or_misanswered_publishes_nothing() {
 // ---------------------------------------------------------------------------------------
 // The cache on a tiny filesystem.
 
-/// A tmpfs mounted for one test, unmounted (lazily if busy) when dropped.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    #[track_caller]
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "the tiny-cache tests mount a tmpfs: run them as root"
-        );
-        std::fs::create_dir_all(dir).expect("creating the tmpfs mountpoint");
-        let mut c = Command::new("mount");
-        c.args([
-            "-t",
-            "tmpfs",
-            "-o",
-            &format!("size={size},mode=0700"),
-            "tmpfs",
-        ])
-        .arg(dir);
-        run_with_timeout(c, Duration::from_secs(30)).assert_success();
-        Tmpfs {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        write_util::force_unmount(&self.dir);
-    }
-}
-
 /// Free bytes of the filesystem holding `path`.
 fn free_bytes(path: &Path) -> u64 {
     use std::os::unix::ffi::OsStrExt;
@@ -1636,9 +1569,9 @@ const MOUNT_FAST: &[&str] = &["--low-speed-timeout", "1", "--connect-timeout", "
 
 #[test]
 fn mount_cat_of_a_corrupt_blob_gets_eio_and_no_byte() {
-    write_util::require_fuse();
+    support::require_fuse();
     let srv = Background::start();
-    let tmp = common::tempdir();
+    let tmp = support::tempdir();
     let signer = signer_a();
     let good = pseudo_random_bytes(500_000, 30);
     let bad = pseudo_random_bytes(2 << 20, 31);
@@ -1651,7 +1584,7 @@ fn mount_cat_of_a_corrupt_blob_gets_eio_and_no_byte() {
         .signer_a()
         .write(tmp.path(), "net.cfg");
     let cache = tmp.path().join("cache");
-    let m = write_util::Mount::start(&cfg, &cache, &tmp.path().join("mnt"), MOUNT_FAST);
+    let m = support::Mount::start(&cfg, &cache, &tmp.path().join("mnt"), MOUNT_FAST);
 
     let started = Instant::now();
     let mut cat = Command::new("cat");
@@ -1684,7 +1617,7 @@ fn mount_cat_of_a_corrupt_blob_gets_eio_and_no_byte() {
         "the corrupt blob entered the cache: {leaked:?}"
     );
     let path = m.path("k/good.bin");
-    let got = write_util::bounded("reading good.bin", move || std::fs::read(path));
+    let got = support::bounded("reading good.bin", move || std::fs::read(path));
     match got {
         Ok(g) => assert!(g == good, "good.bin content"),
         Err(e) => panic!(
@@ -1696,16 +1629,16 @@ fn mount_cat_of_a_corrupt_blob_gets_eio_and_no_byte() {
 
 #[test]
 fn mount_cp_fails_when_the_server_dies_mid_upload_then_retry_publishes() {
-    write_util::require_fuse();
+    support::require_fuse();
     let mut srv = Background::start();
-    let tmp = common::tempdir();
+    let tmp = support::tempdir();
     let cfg = NetworkcacheConfig::for_urls(&srv.cache_url(), &srv.dir_url())
         .signer_a()
         .write(tmp.path(), "net.cfg");
     let cache = tmp.path().join("cache");
     let src = tmp.path().join("big.bin");
-    write_util::write_random_file(&src, 8 << 20, 32);
-    let want = write_util::sha512_file(&src);
+    support::write_random_file(&src, 8 << 20, 32);
+    let want = support::sha512_file(&src);
     // The server takes 256 KiB of the upload, then stops reading.
     srv.push_rule(
         Rule::new(Fault::HoldRequest {
@@ -1714,8 +1647,8 @@ fn mount_cp_fails_when_the_server_dies_mid_upload_then_retry_publishes() {
         })
         .method("POST"),
     );
-    let mut m = write_util::Mount::start(&cfg, &cache, &tmp.path().join("mnt"), MOUNT_FAST);
-    write_util::mkdir(&m.path("up"));
+    let mut m = support::Mount::start(&cfg, &cache, &tmp.path().join("mnt"), MOUNT_FAST);
+    support::mkdir(&m.path("up"));
 
     let dest = m.path("up/big.bin");
     let (s, d) = (src.clone(), dest.clone());
@@ -1725,7 +1658,7 @@ fn mount_cp_fails_when_the_server_dies_mid_upload_then_retry_publishes() {
         run_with_timeout(c, Duration::from_secs(120))
     });
     assert!(
-        write_util::wait_until(Duration::from_secs(30), || srv.received_bytes()
+        support::wait_until(Duration::from_secs(30), || srv.received_bytes()
             >= 256 << 10),
         "the upload never started:\n{}",
         m.log_text()
@@ -1747,21 +1680,17 @@ fn mount_cp_fails_when_the_server_dies_mid_upload_then_retry_publishes() {
     assert!(srv.dangling_entries().is_empty());
     assert_eq!(srv.blob_count(), 0, "a blob was stored");
 
-    let items = write_util::outbox_named(&cache, "big.bin");
+    let items = support::outbox_named(&cache, "big.bin");
     assert_eq!(items.len(), 1, "{items:?}");
     let staged = PathBuf::from(items[0]["path"].as_str().expect("path"));
-    assert_eq!(
-        write_util::sha512_file(&staged),
-        want,
-        "staged bytes changed"
-    );
+    assert_eq!(support::sha512_file(&staged), want, "staged bytes changed");
     assert!(items[0]["last_error"].is_string(), "{:?}", items[0]);
 
     // The server comes back healthy; after unmounting, `outbox retry` publishes.
     srv.restart();
-    assert!(write_util::list_dir(&m.path("up")).contains(&"big.bin".to_string()));
+    assert!(support::list_dir(&m.path("up")).contains(&"big.bin".to_string()));
     m.unmount();
-    let out = write_util::cli(&[
+    let out = support::cli(&[
         "outbox".as_ref(),
         "retry".as_ref(),
         "-c".as_ref(),
@@ -1776,7 +1705,7 @@ fn mount_cp_fails_when_the_server_dies_mid_upload_then_retry_publishes() {
     let sha = Sha512::parse(&want).unwrap();
     let blob = srv.blob(&sha).expect("blob uploaded by the retry");
     assert_eq!(Sha512::of(&blob), sha);
-    assert!(write_util::outbox_items(&cache).is_empty());
+    assert!(support::outbox_items(&cache).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,20 +6,18 @@
 //! onto an existing name) work; the rules (no delete, no rename of published entries,
 //! dot-files staged only) hold; memory stays bounded while uploading 1 GiB.
 //!
-//! Every mount is a `shacachefs mount -f` child guarded by `write_util::Mount`, which
+//! Every mount is a `shacachefs mount -f` child guarded by `support::Mount`, which
 //! always unmounts and ends the daemon. These tests fail (never skip) when FUSE or the
 //! reference client (`$SHACACHEFS_VENV`, see `scripts/test`) is missing.
 
-mod common;
-#[path = "common/write_util.rs"]
-mod write_util;
+use crate::support;
 
 use serde_json::Value;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use write_util::{
+use support::{
     bounded, cli, cmd, cmd_long, is_prefix_of, list_dir, mkdir, outbox_items, outbox_named, read,
     reference_download, sha512_file, sha512_of, shacachefs_download, signed_config, wait_until,
     write_file, write_random_file, Mount, Server, LONG_TIMEOUT,
@@ -43,9 +41,9 @@ impl Setup {
 
     fn with_auth(upload_user: Option<(&str, &str)>) -> Setup {
         // Fail early, with the hint, when the reference client is missing.
-        common::reference_venv();
-        let work = common::tempdir();
-        let server = Server::start(&work.path().join("store"), upload_user);
+        support::reference_venv();
+        let work = support::tempdir();
+        let server = Server::start_at(&work.path().join("store"), upload_user);
         let cfg = signed_config(&server, work.path(), "slapcache.cfg");
         Setup { server, cfg, work }
     }
@@ -61,24 +59,19 @@ impl Setup {
     }
 
     fn mount(&self, extra: &[&str]) -> Mount {
-        Mount::start(
-            &self.cfg,
-            &self.cache(),
-            &self.work.path().join("mnt"),
-            extra,
-        )
+        Mount::in_dir(&self.cfg, self.work.path(), extra)
     }
 }
 
 /// `cp SRC DEST` (the real command).
 #[track_caller]
-fn cp(src: &Path, dest: &Path) -> common::Output {
+fn cp(src: &Path, dest: &Path) -> support::Output {
     cmd_long("cp", &[src, dest])
 }
 
 /// Panics with the daemon's log unless `out` succeeded.
 #[track_caller]
-fn assert_ok(out: &common::Output, m: &Mount) {
+fn assert_ok(out: &support::Output, m: &Mount) {
     assert!(
         out.success(),
         "{} failed:\n{}\n--- daemon log ---\n{}",
@@ -90,7 +83,7 @@ fn assert_ok(out: &common::Output, m: &Mount) {
 
 /// Panics unless `out` failed with `message` (e.g. "Operation not permitted") on stderr.
 #[track_caller]
-fn assert_fails_with(out: &common::Output, messages: &[&str], m: &Mount) {
+fn assert_fails_with(out: &support::Output, messages: &[&str], m: &Mount) {
     let err = out.stderr_text();
     assert!(
         !out.success() && messages.iter().any(|msg| err.contains(msg)),
@@ -103,7 +96,7 @@ fn assert_fails_with(out: &common::Output, messages: &[&str], m: &Mount) {
 
 /// The one entry named `name` under `key` on shadir; its blob must be the file `src`.
 #[track_caller]
-fn published_entry(s: &Setup, key: &str, name: &str, src_sha: &str) -> write_util::PublishedEntry {
+fn published_entry(s: &Setup, key: &str, name: &str, src_sha: &str) -> support::PublishedEntry {
     let found = s.server.entries_named(key, name);
     assert_eq!(
         found.len(),
@@ -230,7 +223,7 @@ fn cp_publishes_signed_entries_both_clients_download() {
     }
     // The signature is what the reference client checked: trusting another signer
     // only, it finds nothing.
-    let other = common::NetworkcacheConfig::for_urls(&s.server.cache_url(), &s.server.dir_url())
+    let other = support::NetworkcacheConfig::for_urls(&s.server.cache_url(), &s.server.dir_url())
         .signer_b()
         .write(s.work.path(), "signer-b.cfg");
     let none = reference_download(&other, key, "one.bin", &s.dir("x").join("one"));
@@ -267,14 +260,14 @@ fn published_inner_json_is_python_json_dumps() {
     );
     assert!(entry.meta["timestamp"].is_f64(), "timestamp is a float");
     assert_eq!(entry.meta["note"], Value::from("café au lait"));
-    let py = common::reference_venv().join("bin/python");
+    let py = support::reference_venv().join("bin/python");
     let mut c = Command::new(py);
     c.args([
         "-c",
         "import json,sys; d=json.loads(sys.argv[1]); print(json.dumps(d), end='')",
         &entry.inner,
     ]);
-    let out = common::run_with_timeout(c, write_util::CMD_TIMEOUT);
+    let out = support::run_with_timeout(c, support::CMD_TIMEOUT);
     out.assert_success();
     assert_eq!(
         out.stdout_text(),
@@ -483,7 +476,7 @@ fn kill_9_during_upload_loses_nothing_and_publishes_nothing() {
         std::thread::sleep(Duration::from_millis(2));
     };
     m.kill9();
-    let status = write_util::wait_within(&mut copy, Duration::from_secs(30));
+    let status = support::wait_within(&mut copy, Duration::from_secs(30));
     eprintln!(
         "killed the daemon with {received} bytes received by the server; cp ended with {status:?}"
     );
@@ -687,13 +680,13 @@ fn dd_pieces_out_of_order_and_pwrite_through_one_descriptor() {
         \x20   os.pwrite(fd,src[n*4096:(n+1)*4096],n*4096)\n\
         os.close(fd)\n";
     let order_arg = order.map(|n| n.to_string()).join(",");
-    let mut c = Command::new(common::reference_venv().join("bin/python"));
+    let mut c = Command::new(support::reference_venv().join("bin/python"));
     c.arg("-c")
         .arg(script)
         .arg(&src)
         .arg(m.path(&format!("{key}/pwrite.bin")))
         .arg(&order_arg);
-    assert_ok(&common::run_with_timeout(c, write_util::CMD_TIMEOUT), &m);
+    assert_ok(&support::run_with_timeout(c, support::CMD_TIMEOUT), &m);
     published_entry(&s, key, "pwrite.bin", &want_sha);
     settle_and_unmount(&s, m);
     let out = s.dir("downloads").join("dd.bin");
@@ -859,9 +852,9 @@ for i in range(60):
                 fails.append("%d:%s:%s" % (size, call, e.strerror))
 print(json.dumps(fails))
 "#;
-    let mut c = Command::new(common::reference_venv().join("bin/python"));
+    let mut c = Command::new(support::reference_venv().join("bin/python"));
     c.arg("-c").arg(script).arg(m.path(key));
-    let out = common::run_with_timeout(c, write_util::LONG_TIMEOUT);
+    let out = support::run_with_timeout(c, support::LONG_TIMEOUT);
     assert_ok(&out, &m);
     let fails: Vec<String> = serde_json::from_slice(&out.stdout).expect("JSON list");
     let log = m.log_text();
@@ -1090,7 +1083,7 @@ fn large_files_upload_while_written_and_rewrites_are_sent_again() {
     let tail = vec![0xee; 3 * MIB as usize];
     f.write_all(&tail).expect("write after the rewrite");
     expected.extend_from_slice(&tail);
-    common::close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
+    support::close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
     let want = sha512_of(&expected);
     published_entry(&s, key, "rewritten.bin", &want);
     both_clients_download(&s, key, "rewritten.bin", &want);
@@ -1117,7 +1110,7 @@ fn large_files_upload_while_written_and_rewrites_are_sent_again() {
     let data: Vec<u8> = (0..10 * MIB as usize).map(|i| (i % 251) as u8).collect();
     let mut f = std::fs::File::create(&tmp).expect("create the temporary file");
     f.write_all(&data).expect("write");
-    common::close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
+    support::close_checked(f).unwrap_or_else(|e| panic!("close() failed: {e}\n{}", m.log_text()));
     std::fs::rename(&tmp, m.path(&format!("{key}/synced.bin")))
         .unwrap_or_else(|e| panic!("rename failed: {e}\n{}", m.log_text()));
     let want = sha512_of(&data);
@@ -1169,7 +1162,7 @@ fn writing_over_an_entry_open_with_passthrough_is_etxtbsy_then_works() {
         assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "{e}");
     } else {
         // Without passthrough nothing stops it: the new version is staged.
-        common::close_checked(busy.expect("write open")).expect("close");
+        support::close_checked(busy.expect("write open")).expect("close");
     }
     drop(reader);
     std::thread::sleep(Duration::from_millis(200)); // the kernel's release is asynchronous

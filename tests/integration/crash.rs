@@ -13,11 +13,10 @@
 //! Each run mounts again on the same cache (a remount after a crash), and a last mount
 //! reads everything published. The moments are drawn from a seeded RNG: the seed is
 //! printed, and `SHACACHEFS_CRASH_SEED=N` replays it. Real mounts: the test fails (never
-//! skips) when FUSE is unusable, and `write_util::Mount` always unmounts.
+//! skips) when FUSE is unusable, and `support::Mount` always unmounts.
 
-mod common;
-#[path = "common/write_util.rs"]
-mod write_util;
+use crate::support;
+use rand::{Rng as _, RngCore as _};
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
@@ -25,7 +24,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use write_util::{
+use support::{
     bounded, cli, is_prefix_of, list_dir, mkdir, outbox_items, read, sha512_file, sha512_of,
     signed_config, wait_within, write_random_file, Mount, Server,
 };
@@ -42,24 +41,6 @@ const TARGET_TOTAL: Duration = Duration::from_secs(90);
 const HARD_TOTAL: Duration = Duration::from_secs(400);
 /// Longest wait for the moment a run is killed at.
 const EVENT_WAIT: Duration = Duration::from_secs(3);
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// The seed: `SHACACHEFS_CRASH_SEED`, else the clock.
 fn seed() -> u64 {
@@ -168,9 +149,9 @@ fn kill_9_at_random_moments_keeps_cache_outbox_and_shadir_consistent() {
     let seed = seed();
     eprintln!("crash test seed: {seed} (replay with SHACACHEFS_CRASH_SEED={seed})");
     let started = Instant::now();
-    let mut rng = Rng::new(seed);
-    let work = common::tempdir();
-    let server = Server::start(&work.path().join("store"), None);
+    let mut rng = support::rng(seed);
+    let work = support::tempdir();
+    let server = Server::start_at(&work.path().join("store"), None);
     let cfg = signed_config(&server, work.path(), "slapcache.cfg");
     let mut w = World {
         server,
@@ -252,21 +233,21 @@ fn kill_9_at_random_moments_keeps_cache_outbox_and_shadir_consistent() {
 
 /// One run: mount (a remount after the previous crash), start a command, kill the daemon
 /// at the chosen moment, clean the mount, look at what the command did.
-fn one_run(w: &mut World, rng: &mut Rng, run: usize) -> RunReport {
-    let kind = if rng.below(2) == 0 {
+fn one_run(w: &mut World, rng: &mut support::TestRng, run: usize) -> RunReport {
+    let kind = if rng.gen_range(0..2u64) == 0 {
         Kind::Upload
     } else {
         Kind::Download
     };
-    let size = MIB + rng.below(5 * MIB) + rng.below(64 * KIB);
+    let size = MIB + rng.gen_range(0..5 * MIB) + rng.gen_range(0..64 * KIB);
     let name = format!("run{run:02}-{size}.bin");
     let src = w.src_dir().join(&name);
-    write_random_file(&src, size, rng.next());
+    write_random_file(&src, size, rng.next_u64());
     let sha = sha512_file(&src);
     w.sources.insert(name.clone(), src.clone());
-    let moment = match (kind, rng.below(3)) {
-        (_, 0) => Moment::After(Duration::from_millis(rng.below(300))),
-        (Kind::Upload, 1) => Moment::Staged(rng.below(1000)),
+    let moment = match (kind, rng.gen_range(0..3u64)) {
+        (_, 0) => Moment::After(Duration::from_millis(rng.gen_range(0..300u64))),
+        (Kind::Upload, 1) => Moment::Staged(rng.gen_range(0..1000u64)),
         (Kind::Upload, _) => Moment::Posting,
         (Kind::Download, _) => Moment::Downloading,
     };
@@ -489,7 +470,7 @@ fn check_after_crash(w: &World, context: &mut String) {
     }
     // 4. Every entry on shadir names a blob shacache has (GET), and the right one.
     for (name, sha) in &published {
-        let r = common::http_get(&format!("{}/{sha}", w.server.cache_url()));
+        let r = support::http_get(&format!("{}/{sha}", w.server.cache_url()));
         assert!(
             r.status == 200 && &sha512_of(&r.body) == sha,
             "{context}: {name} is published, but GET of its blob {sha} answers {} \

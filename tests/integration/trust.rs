@@ -2,18 +2,17 @@
 //! usable certificate refuses to run (`ls`, `download`, `mount`); shadir answers parsed
 //! with Python's leniency; `outbox retry`/`drop` and what they report.
 
-mod common;
-#[path = "common/faulty.rs"]
-mod faulty;
+use crate::support;
+use crate::support::faulty;
 
-use common::*;
 use faulty::{Background, Fault, Rule};
 use shacachefs::wire::RawEntry;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use support::*;
 
 /// A key holding one unsigned entry, published with a configuration without certificates.
-fn publish_unsigned(srv: &TestServer, key: &str) {
+fn publish_unsigned(srv: &Server, key: &str) {
     let dir = srv.scratch();
     let plain = srv.config().write(&dir, "plain.cfg");
     let file = dir.join("payload.txt");
@@ -50,7 +49,7 @@ fn mounted(mnt: &Path) -> bool {
 
 #[test]
 fn unusable_certificate_list_fails_closed() {
-    let srv = TestServer::start();
+    let srv = Server::start();
     publish_unsigned(&srv, "trust-key");
     let dir = srv.scratch();
     let cfg = srv
@@ -290,7 +289,7 @@ fn old_release_cache(root: &Path, url_with_credentials: &str) -> (PathBuf, Strin
 fn cache_tree_is_private_and_free_of_credentials() {
     use shacachefs::cache::{Cache, CacheOptions};
     use shacachefs::digest::Sha512;
-    let srv = TestServer::start();
+    let srv = Server::start();
     let dir = tempdir();
     let cache_dir = dir.path().join("cache");
     let secret = "s3cr3t-pass";
@@ -398,7 +397,7 @@ fn retry_fails_when_it_skips_an_item_for_another_server() {
             "this test needs no default configuration file, and {p} exists"
         );
     }
-    let srv = TestServer::start();
+    let srv = Server::start();
     let dir = tempdir();
     let cache_dir = dir.path().join("cache");
     let id = pending_item(&cache_dir, &srv.dir_url(), "other.txt");
@@ -440,7 +439,7 @@ fn retry_fails_when_it_skips_an_item_for_another_server() {
 /// so, and exit 0; once the writer is gone they publish and drop.
 #[test]
 fn retry_and_drop_leave_items_open_for_writing_alone() {
-    let srv = TestServer::start();
+    let srv = Server::start();
     let dir = tempdir();
     let cache_dir = dir.path().join("cache");
     let held = pending_item(&cache_dir, &srv.dir_url(), "held.txt");

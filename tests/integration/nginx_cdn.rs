@@ -5,11 +5,9 @@
 //! read of the blob answered from its cache (HIT) while the shadir list always went to
 //! serve; `Pragma: no-cache` bypasses the cache; cached blobs are served with serve down.
 
-mod common;
-#[path = "common/write_util.rs"]
-mod write_util;
+use crate::support;
+use support::files_under;
 
-use common::{run_with_timeout, shacachefs, TestServer};
 use shacachefs::digest::Sha512;
 use shacachefs::server;
 use std::io::{Read, Write};
@@ -17,6 +15,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use support::{run_with_timeout, shacachefs, Server};
 
 const NGINX: &str = "/usr/sbin/nginx";
 
@@ -49,11 +48,7 @@ impl Nginx {
             );
         }
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = crate::support::free_port();
             let site = contrib
                 .replace("listen 8081;", &format!("listen 127.0.0.1:{port};"))
                 .replace("server 127.0.0.1:8080;", &format!("server {upstream};"))
@@ -159,9 +154,9 @@ fn get(port: u16, path: &str, extra: &str) -> (u16, String, Vec<u8>) {
 
 /// `serve` on a loopback port and nginx in front of it. nginx's directory is outside
 /// the server's, so that nginx can outlive the server.
-fn serve_behind_nginx() -> (TestServer, tempfile::TempDir, Nginx) {
-    let server = TestServer::start();
-    let nginx_tmp = common::tempdir();
+fn serve_behind_nginx() -> (Server, tempfile::TempDir, Nginx) {
+    let server = Server::start();
+    let nginx_tmp = support::tempdir();
     let upstream = server
         .cache_url()
         .trim_start_matches("http://")
@@ -175,7 +170,7 @@ fn serve_behind_nginx() -> (TestServer, tempfile::TempDir, Nginx) {
 fn nginx_in_front_of_serve_caches_blobs_and_passes_the_rest() {
     let (server, _nginx_tmp, nginx) = serve_behind_nginx();
     let work = server.scratch();
-    let cfg = common::NetworkcacheConfig::for_urls(
+    let cfg = support::NetworkcacheConfig::for_urls(
         &format!("{}/shacache", nginx.base()),
         &format!("{}/shadir", nginx.base()),
     )
@@ -183,7 +178,7 @@ fn nginx_in_front_of_serve_caches_blobs_and_passes_the_rest() {
     .write(&work, "through-nginx.cfg");
 
     // Upload through nginx (POST and PUT pass through to serve).
-    let data = common::pseudo_random_bytes(3 << 20, 16);
+    let data = support::pseudo_random_bytes(3 << 20, 16);
     let sha = Sha512::of(&data);
     let file = work.join("blob.bin");
     std::fs::write(&file, &data).unwrap();
@@ -241,23 +236,6 @@ fn nginx_in_front_of_serve_caches_blobs_and_passes_the_rest() {
     assert_eq!(status, 502);
 }
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// A bad copy in a cache on the way heals: nginx's cached copy of a blob is corrupted;
 /// a fresh mount reading through nginx gets the bad bytes once, fetches again with
 /// `Cache-Control`/`Pragma: no-cache` (nginx bypasses its copy and stores the fresh
@@ -269,14 +247,14 @@ fn a_bad_copy_in_the_cdn_heals_through_a_fresh_fetch() {
     let nginx_dir = nginx_tmp.path().to_path_buf();
     let work = server.scratch();
     let direct = server.config().signer_a().write(&work, "direct.cfg");
-    let through = common::NetworkcacheConfig::for_urls(
+    let through = support::NetworkcacheConfig::for_urls(
         &format!("{}/shacache", nginx.base()),
         &format!("{}/shadir", nginx.base()),
     )
     .signer_a()
     .write(&work, "through-nginx.cfg");
 
-    let data = common::pseudo_random_bytes(600_000, 17);
+    let data = support::pseudo_random_bytes(600_000, 17);
     let sha = Sha512::of(&data);
     let file = work.join("heal.bin");
     std::fs::write(&file, &data).unwrap();
@@ -305,8 +283,8 @@ fn a_bad_copy_in_the_cdn_heals_through_a_fresh_fetch() {
     );
 
     // A fresh mount through nginx reads the right bytes.
-    let m = write_util::Mount::start(&through, &work.join("mount-cache"), &work.join("mnt"), &[]);
-    let got = write_util::read(&m.path("heal-key/heal.bin"));
+    let m = support::Mount::start(&through, &work.join("mount-cache"), &work.join("mnt"), &[]);
+    let got = support::read(&m.path("heal-key/heal.bin"));
     assert!(got == data, "the mount read other bytes\n{}", m.log_text());
     drop(m);
     let bypassed = nginx
@@ -317,13 +295,13 @@ fn a_bad_copy_in_the_cdn_heals_through_a_fresh_fetch() {
     assert_eq!(bypassed, 1, "{:?}", nginx.log());
     // nginx's copy was replaced by the fresh one: a second machine's mount reads
     // through nginx, served from its cache.
-    let m = write_util::Mount::start(
+    let m = support::Mount::start(
         &through,
         &work.join("mount-cache-2"),
         &work.join("mnt2"),
         &[],
     );
-    let got = write_util::read(&m.path("heal-key/heal.bin"));
+    let got = support::read(&m.path("heal-key/heal.bin"));
     assert!(
         got == data,
         "the second mount read other bytes\n{}",

@@ -1,6 +1,8 @@
 //! The embedded shacache + shadir server over real HTTP: blobs, ranges, shadir lists,
 //! validation, concurrency, path safety, authentication, TLS and shutdown.
 
+use crate::support::paths_under;
+use crate::support::pki::Pki;
 use reqwest::header::{
     ACCEPT_RANGES, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
     LOCATION, RANGE,
@@ -12,8 +14,7 @@ use shacachefs::digest::Sha512;
 use shacachefs::server::{self, RunningServer, ServerOptions, TlsOptions};
 use shacachefs::wire::RawEntry;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -288,24 +289,11 @@ async fn head_and_ranges() {
     s.shutdown().await;
 }
 
-/// Chunk `i` of a pseudo-random stream: one xorshift64 block made once, with the chunk
-/// number stamped over its first bytes so no two chunks are equal. (Cheap even in a
-/// debug build, unlike drawing every byte.)
+/// Chunk `i` of a pseudo-random stream: one random block made once, with the chunk
+/// number stamped over its first bytes so no two chunks are equal.
 fn pseudo_random_chunk(base: &[u8], i: usize) -> Vec<u8> {
     let mut buf = base.to_vec();
     buf[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    buf
-}
-
-fn xorshift_block(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut buf = Vec::with_capacity(len);
-    while buf.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        buf.extend_from_slice(&x.to_le_bytes());
-    }
     buf
 }
 
@@ -317,33 +305,30 @@ fn peak_rss() -> u64 {
     kib * 1024
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundred_mib_upload_is_streamed() {
+/// Measured on this process's peak RSS, so run alone in a process of its own.
+#[test]
+fn hundred_mib_upload_is_streamed() {
+    crate::support::in_own_process("server::hundred_mib_upload_is_streamed", || {
+        crate::support::own_runtime().block_on(hundred_mib_upload_body())
+    });
+}
+
+async fn hundred_mib_upload_body() {
     const SIZE: usize = 100 << 20;
     const CHUNK: usize = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
     let s = start(opts(dir.path())).await;
     let c = http();
 
-    // Chunks made on the fly, so the test holds 1 MiB at a time. The expected digest
-    // comes from `openssl dgst` (sha2's AVX2 path is very slow in a debug build).
-    let base = Arc::new(xorshift_block(CHUNK));
+    // Chunks made on the fly, so the test holds 1 MiB at a time.
+    let base = Arc::new(crate::support::pseudo_random_bytes(CHUNK, 100));
     let expected = {
-        use std::io::Write;
-        let mut child = Command::new("openssl")
-            .args(["dgst", "-sha512", "-r"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
+        use sha2::Digest;
+        let mut h = sha2::Sha512::new();
         for i in 0..SIZE / CHUNK {
-            stdin.write_all(&pseudo_random_chunk(&base, i)).unwrap();
+            h.update(pseudo_random_chunk(&base, i));
         }
-        drop(stdin);
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap()[..128].to_string()
+        hex::encode(h.finalize())
     };
     let sent = base.clone();
     let chunks = futures_util::stream::unfold(0usize, move |i| {
@@ -575,17 +560,6 @@ async fn concurrent_puts_to_one_key_are_all_kept() {
     s.shutdown().await;
 }
 
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        let path = e.path();
-        out.push(path.clone());
-        if e.file_type().unwrap().is_dir() {
-            files_under(&path, out);
-        }
-    }
-}
-
 #[tokio::test]
 async fn hostile_keys_stay_inside_the_root() {
     let outer = tempfile::tempdir().unwrap();
@@ -637,8 +611,7 @@ async fn hostile_keys_stay_inside_the_root() {
         assert_eq!(raw(s.addr, "PUT", path, &body).await, 404, "{path}");
     }
 
-    let mut all = Vec::new();
-    files_under(outer.path(), &mut all);
+    let all = crate::support::paths_under(outer.path());
     for p in &all {
         assert!(
             p.starts_with(&root) || root.starts_with(p),
@@ -724,97 +697,13 @@ async fn basic_auth_guards_uploads() {
     s.shutdown().await;
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate.
-fn make_pki(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(dir, &ca);
-    std::fs::write(
-        dir.join("server.ext"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n\
-         extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("client.ext"),
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n",
-    )
-    .unwrap();
-    for name in ["server", "client"] {
-        let (key, csr, pem, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        let subj = format!("/CN={name}");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        openssl(dir, &req);
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
-}
-
 #[tokio::test]
 async fn tls_with_optional_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = tempfile::tempdir().unwrap();
-    make_pki(pki.path());
-    let p = |n: &str| pki.path().join(n);
+    // A CA, a server certificate for 127.0.0.1/localhost and a client certificate.
+    let pki = Pki::new("test CA");
+    pki.server("server").client("client", "client");
+    let p = |n: &str| pki.path(n);
     let mut o = opts(dir.path());
     o.tls = Some(TlsOptions {
         cert_file: p("server.pem"),
@@ -930,14 +819,13 @@ async fn aborted_upload_leaves_nothing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(tcp);
     // The handler notices the broken body and removes its temporary file.
-    let mut entries = Vec::new();
+    let mut entries = paths_under(dir.path());
     for _ in 0..100 {
-        entries.clear();
-        files_under(dir.path(), &mut entries);
         if entries.iter().all(|p| p.is_dir()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+        entries = paths_under(dir.path());
     }
     assert!(entries.iter().all(|p| p.is_dir()), "{entries:?}");
     s.shutdown().await;

@@ -2,29 +2,12 @@
 //! counters from the running daemon, and no secret in a debug log. Real mounts, as root;
 //! these fail (never skip) when FUSE cannot be used.
 
-mod common;
+use crate::support;
 
-use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn assert_fuse() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "FUSE is required: /dev/fuse is missing"
-    );
-    // SAFETY: getuid has no preconditions.
-    assert_eq!(unsafe { libc::getuid() }, 0, "real-mount tests run as root");
-}
-
-fn mounted(mnt: &Path) -> bool {
-    let want = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(want.to_str().unwrap_or("")))
-}
+use std::process::Command;
+use std::time::Duration;
+use support::*;
 
 /// The filesystem type /proc/mounts gives for the mount on `mnt`.
 fn mount_type(mnt: &Path) -> Option<String> {
@@ -37,81 +20,13 @@ fn mount_type(mnt: &Path) -> Option<String> {
         .and_then(|f| f.get(2).map(|t| t.to_string()))
 }
 
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A foreground mount that is unmounted and reaped when dropped.
-struct Mount {
-    mnt: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Mount {
-    fn start(config: &Path, dir: &Path, extra: &[&str]) -> Mount {
-        assert_fuse();
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let log = dir.join("mount.log");
-        let mut cmd = Command::new(shacachefs_bin());
-        cmd.arg("mount").arg("-f").arg("-c").arg(config);
-        cmd.arg("--cache-dir").arg(dir.join("cache"));
-        cmd.args(extra).arg(&mnt);
-        without_proxy(&mut cmd);
-        cmd.stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = cmd.spawn().expect("cannot start shacachefs mount");
-        let m = Mount {
-            mnt,
-            child: Some(child),
-            log,
-        };
-        wait_for("the mount", Duration::from_secs(15), || mounted(&m.mnt));
-        m
-    }
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if mounted(&self.mnt) {
-            let ok = Command::new("umount")
-                .arg(&self.mnt)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-            }
-        }
-        if let Some(mut c) = self.child.take() {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Writes a file and closes it, returning the error of `close()` (which `std::fs::write`
 /// and `File`'s drop ignore): that is where shacachefs reports a failed upload.
 fn write_and_close(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::fs::File::create(path)?;
     f.write_all(data)?;
-    common::close_checked(f)
+    support::close_checked(f)
 }
 
 fn status_json(mnt: &Path) -> serde_json::Value {
@@ -126,7 +41,7 @@ fn status_json(mnt: &Path) -> serde_json::Value {
 
 #[test]
 fn status_counters_follow_reads_and_uploads() {
-    let server = TestServer::start();
+    let server = Server::start();
     let dir = tempdir();
     let cfg = server.config().signer_a().write(dir.path(), "cfg");
     let src = dir.path().join("blob.bin");
@@ -142,29 +57,33 @@ fn status_counters_follow_reads_and_uploads() {
         "file=blob.bin".as_ref(),
     ]))
     .assert_success();
-    let m = Mount::start(&cfg, dir.path(), &["-k", "k"]);
-    let before = status_json(&m.mnt);
+    let m = Mount::in_dir(&cfg, dir.path(), &["-k", "k"]);
+    let before = status_json(&m.mountpoint);
     assert_eq!(before["shadir"], "answers", "{before}");
     assert_eq!(before["shacache"], "answers", "{before}");
     assert_eq!(before["signature_mode"], "verified (1 certificates)");
     assert_eq!(before["writable"], true);
     assert_eq!(before["bytes_fetched"], 0);
 
-    let data = std::fs::read(m.mnt.join("k/blob.bin")).unwrap();
+    let data = std::fs::read(m.mountpoint.join("k/blob.bin")).unwrap();
     assert_eq!(data.len(), 3 << 20);
-    let after_read = status_json(&m.mnt);
+    let after_read = status_json(&m.mountpoint);
     assert_eq!(after_read["bytes_fetched"], 3 << 20, "{after_read}");
     assert_eq!(after_read["misses"], 1, "{after_read}");
     assert_eq!(after_read["cache"]["blobs"], 1, "{after_read}");
 
-    write_and_close(&m.mnt.join("k/new.txt"), b"uploaded through the mount\n").unwrap();
-    let after_write = status_json(&m.mnt);
+    write_and_close(
+        &m.mountpoint.join("k/new.txt"),
+        b"uploaded through the mount\n",
+    )
+    .unwrap();
+    let after_write = status_json(&m.mountpoint);
     assert_eq!(after_write["entries_published"], 1, "{after_write}");
     assert_eq!(after_write["bytes_uploaded"], 27, "{after_write}");
     assert_eq!(after_write["outbox_pending"], 0, "{after_write}");
 
     // The human form names the same figures.
-    let text = run(shacachefs(["status".as_ref(), m.mnt.as_os_str()]));
+    let text = run(shacachefs(["status".as_ref(), m.mountpoint.as_os_str()]));
     text.assert_success();
     assert!(
         text.stdout_text()
@@ -179,8 +98,7 @@ fn status_counters_follow_reads_and_uploads() {
 #[test]
 fn no_secret_in_a_debug_log_of_an_authenticated_upload() {
     let secret = "s3cr3t-Pa55";
-    let server =
-        TestServer::start_with(|o| o.upload_user = Some(("uploader".into(), secret.into())));
+    let server = Server::start_with(|o| o.upload_user = Some(("uploader".into(), secret.into())));
     let dir = tempdir();
     let with_creds =
         |base: &str| base.replacen("http://", &format!("http://uploader:{secret}@"), 1);
@@ -190,17 +108,18 @@ fn no_secret_in_a_debug_log_of_an_authenticated_upload() {
     let cfg = conf.write(dir.path(), "cfg");
 
     // Through the mount, at debug level.
-    let m = Mount::start(
-        &cfg,
-        dir.path(),
-        &["--log-level", "debug", "-k", "auth-key"],
-    );
-    std::fs::create_dir_all(m.mnt.join("auth-key")).ok();
-    write_and_close(&m.mnt.join("auth-key/a.txt"), b"authenticated\n").unwrap();
-    let listing = std::fs::read_dir(m.mnt.join("auth-key")).unwrap().count();
+    let m = Mount::builder(&cfg, &dir.path().join("cache"), &dir.path().join("mnt"))
+        .log_level("debug")
+        .args(&["-k", "auth-key"])
+        .start();
+    std::fs::create_dir_all(m.mountpoint.join("auth-key")).ok();
+    write_and_close(&m.mountpoint.join("auth-key/a.txt"), b"authenticated\n").unwrap();
+    let listing = std::fs::read_dir(m.mountpoint.join("auth-key"))
+        .unwrap()
+        .count();
     assert!(listing >= 1);
     drop(m);
-    let log = std::fs::read_to_string(dir.path().join("mount.log")).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("mnt.log")).unwrap();
     assert!(
         log.contains("a.txt published"),
         "the upload happened: {log}"
@@ -329,12 +248,12 @@ impl Drop for HelperLink {
 /// by `cargo install` (in `$CARGO_HOME/bin`, not in `/usr/bin` nor on the PATH).
 #[test]
 fn mount_helper_finds_a_cargo_installed_binary() {
-    assert_fuse();
+    require_fuse();
     assert!(
         !Path::new("/usr/bin/shacachefs").exists(),
         "/usr/bin/shacachefs exists (a package installed?): this test needs the cargo layout"
     );
-    let server = TestServer::start();
+    let server = Server::start();
     let dir = tempdir();
     let cfg = server.config().signer_a().write(dir.path(), "cfg");
     let cargo_home = dir.path().join("cargo-home");
@@ -356,7 +275,7 @@ fn mount_helper_finds_a_cargo_installed_binary() {
             ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin".as_ref()),
         ],
     );
-    let ok = out.success() && mounted(&mnt);
+    let ok = out.success() && is_mounted(&mnt);
     let names: Vec<String> = std::fs::read_dir(&mnt)
         .map(|rd| {
             rd.flatten()
@@ -365,7 +284,7 @@ fn mount_helper_finds_a_cargo_installed_binary() {
         })
         .unwrap_or_default();
     let _ = Command::new("umount").arg(&mnt).status();
-    if mounted(&mnt) {
+    if is_mounted(&mnt) {
         let _ = Command::new("umount").arg("-l").arg(&mnt).status();
     }
     assert!(ok, "mount -t fuse.shacachefs failed: {}", out.describe());
@@ -393,8 +312,8 @@ fn mount_helper_finds_a_cargo_installed_binary() {
 
 #[test]
 fn fstab_style_mount_and_umount() {
-    assert_fuse();
-    let server = TestServer::start();
+    require_fuse();
+    let server = Server::start();
     let dir = tempdir();
     let cfg = server.config().signer_a().write(dir.path(), "cfg");
     let src = dir.path().join("f.txt");
@@ -420,7 +339,7 @@ fn fstab_style_mount_and_umount() {
     let out = mount_t(&cfg, &mnt, &opts, &[]);
     out.assert_success();
     assert!(
-        mounted(&mnt),
+        is_mounted(&mnt),
         "mount -t fuse.shacachefs returned but nothing is mounted"
     );
     let fstype = mount_type(&mnt);
@@ -447,19 +366,20 @@ fn fstab_style_mount_and_umount() {
         "the type /proc/mounts shows"
     );
     assert!(umount.success(), "umount failed");
-    assert!(!mounted(&mnt));
+    assert!(!is_mounted(&mnt));
     // The daemon ends with the unmount.
-    wait_for("the daemon to exit", Duration::from_secs(10), || {
+    let exited = wait_until(Duration::from_secs(10), || {
         let out = Command::new("pgrep")
             .args(["-f", &format!("mount -c {}", cfg.display())])
             .output();
         out.map(|o| o.stdout.is_empty()).unwrap_or(true)
     });
+    assert!(exited, "timed out waiting for the daemon to exit");
 }
 
 #[test]
 fn pending_uploads_are_reported_at_mount_time() {
-    let server = TestServer::start();
+    let server = Server::start();
     let dir = tempdir();
     // Uploads go to a port nobody listens on: the copy fails and stays pending.
     let mut broken = server.config().signer_a();
@@ -467,12 +387,14 @@ fn pending_uploads_are_reported_at_mount_time() {
     let broken = broken.write(dir.path(), "broken.cfg");
     let good = server.config().signer_a().write(dir.path(), "good.cfg");
     {
-        let m = Mount::start(&broken, dir.path(), &["-k", "p"]);
-        std::fs::create_dir_all(m.mnt.join("p")).ok();
-        let err = write_and_close(&m.mnt.join("p/late.txt"), b"not yet\n").unwrap_err();
+        let m = Mount::in_dir(&broken, dir.path(), &["-k", "p"]);
+        std::fs::create_dir_all(m.mountpoint.join("p")).ok();
+        let err = write_and_close(&m.mountpoint.join("p/late.txt"), b"not yet\n").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     }
-    let m = Mount::start(&good, dir.path(), &["-k", "p"]);
+    // Another mountpoint over the same cache: a log of its own.
+    let mnt2 = dir.path().join("mnt2");
+    let m = Mount::start(&good, &dir.path().join("cache"), &mnt2, &["-k", "p"]);
     assert!(
         m.log_text().contains("1 upload(s) pending"),
         "{}",
@@ -480,7 +402,7 @@ fn pending_uploads_are_reported_at_mount_time() {
     );
     let out = Command::new("getfattr")
         .args(["-n", "user.shacachefs.pending", "--only-values"])
-        .arg(m.mnt.join("p/late.txt"))
+        .arg(m.mountpoint.join("p/late.txt"))
         .output()
         .expect("getfattr");
     assert!(out.status.success(), "{out:?}");
@@ -489,7 +411,7 @@ fn pending_uploads_are_reported_at_mount_time() {
         "{out:?}"
     );
     assert_eq!(
-        std::fs::read(m.mnt.join("p/late.txt")).unwrap(),
+        std::fs::read(m.mountpoint.join("p/late.txt")).unwrap(),
         b"not yet\n"
     );
 }

@@ -6,209 +6,33 @@
 //! guard unmounts (`umount`, then `umount -l`) and ends the daemon, so a failing test
 //! never leaves a mount behind. These tests fail (never skip) when FUSE cannot be used.
 
-mod common;
-#[path = "common/mount_util.rs"]
-mod mount_util;
+use crate::support;
 
-use common::{
-    fixture, pseudo_random_bytes, reference, reference_venv, run_with_timeout, shacachefs, tempdir,
-    NetworkcacheConfig, TestServer,
-};
-use mount_util::{
-    corrupt_file, files_at_least, find_named, publish, publish_file, publisher, tamper_key_file,
-    Who,
-};
 use serde_json::json;
 use shacachefs::client::Client;
 use shacachefs::digest::Sha512;
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{
+    corrupt_file, files_at_least, find_named, publish, publish_file, publisher, tamper_key_file,
+    Who,
+};
+use support::{
+    fixture, pseudo_random_bytes, reference, reference_venv, run_with_timeout, shacachefs, tempdir,
+    write_random_file, NetworkcacheConfig, Server,
+};
+use support::{force_unmount, is_mounted, require_fuse, wait_within, Mount};
 
-/// How long a mount may take to appear.
-const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of the small commands (`ls`, `cat`, `umount`, …).
 const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // Mounts.
-
-#[track_caller]
-fn require_fuse() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "real-mount tests need FUSE: /dev/fuse is missing (load the fuse module; \
-         scripts/setup-test-deps installs fuse3)"
-    );
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "real-mount tests must run as root (they mount FUSE filesystems)"
-    );
-}
-
-/// Is something mounted exactly on `mp` (as `/proc/mounts` spells it)?
-fn is_mounted(mp: &Path) -> bool {
-    let want = mp
-        .to_string_lossy()
-        .replace('\\', "\\134")
-        .replace(' ', "\\040")
-        .replace('\t', "\\011")
-        .replace('\n', "\\012");
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
-}
-
-/// Runs a command to its end or kills it after `limit`; never panics (used in `Drop`).
-fn status_within(mut cmd: Command, limit: Duration) -> Option<ExitStatus> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().ok()?;
-    wait_within(&mut child, limit)
-}
-
-/// Waits for a child at most `limit`; kills it when it runs over.
-fn wait_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) => return Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
-}
-
-/// Unmounts `mp` if it is mounted: `umount`, else `umount -l`.
-fn force_unmount(mp: &Path) {
-    if is_mounted(mp) {
-        let mut c = Command::new("umount");
-        c.arg(mp);
-        status_within(c, Duration::from_secs(10));
-    }
-    if is_mounted(mp) {
-        let mut c = Command::new("umount");
-        c.arg("-l").arg(mp);
-        status_within(c, Duration::from_secs(10));
-    }
-}
-
-/// A `shacachefs mount -f` child and its mountpoint; unmounted and ended when dropped.
-struct Mount {
-    mountpoint: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Mount {
-    /// Mounts in the foreground (`-f`) with `--log-level info`, the log in a file beside
-    /// the mountpoint, and waits (bounded) until the mount is listed in /proc/mounts.
-    #[track_caller]
-    fn start(cfg: &Path, cache: &Path, mountpoint: &Path, extra: &[&str]) -> Mount {
-        require_fuse();
-        std::fs::create_dir_all(mountpoint).expect("creating the mountpoint");
-        let log = mountpoint.with_extension("log");
-        let logf = File::create(&log).expect("creating the mount log");
-        let mut args: Vec<OsString> = ["--log-level", "info", "mount", "-f", "-c"]
-            .iter()
-            .map(OsString::from)
-            .collect();
-        args.push(cfg.into());
-        args.push("--cache-dir".into());
-        args.push(cache.into());
-        args.extend(extra.iter().map(OsString::from));
-        args.push(mountpoint.into());
-        let mut cmd = shacachefs(args);
-        cmd.stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("log file"))
-            .stderr(logf);
-        let child = cmd.spawn().expect("starting shacachefs mount");
-        let mut m = Mount {
-            mountpoint: mountpoint.to_path_buf(),
-            log,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + MOUNT_TIMEOUT;
-        while !is_mounted(mountpoint) {
-            if let Ok(Some(status)) = m.child.as_mut().unwrap().try_wait() {
-                panic!(
-                    "shacachefs mount exited ({status}) before mounting:\n{}",
-                    m.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} not mounted after {MOUNT_TIMEOUT:?}:\n{}",
-                mountpoint.display(),
-                m.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.mountpoint.join(rel)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("daemon running").id()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Peak resident memory of the daemon so far (VmHWM), in KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("/proc/PID/status of the daemon");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/PID/status")
-    }
-
-    /// `umount`, then the daemon must exit successfully by itself.
-    #[track_caller]
-    fn unmount(&mut self) {
-        let mut c = Command::new("umount");
-        c.arg(&self.mountpoint);
-        run_with_timeout(c, CMD_TIMEOUT).assert_success();
-        let mut child = self.child.take().expect("daemon running");
-        let status = wait_within(&mut child, Duration::from_secs(10));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "the daemon did not exit cleanly after umount ({status:?}):\n{}",
-            self.log_text()
-        );
-        assert!(!is_mounted(&self.mountpoint));
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        force_unmount(&self.mountpoint);
-        if let Some(mut child) = self.child.take() {
-            if wait_within(&mut child, Duration::from_secs(5)).is_none() {
-                eprintln!("shacachefs mount had to be killed:\n{}", self.log_text());
-            }
-        }
-    }
-}
 
 /// A detached daemon found by its mountpoint; unmounted and killed (by pid) when dropped.
 struct Detached {
@@ -260,7 +84,7 @@ fn alive(pid: u32) -> bool {
 // Small shell helpers.
 
 #[track_caller]
-fn cmd(program: &str, args: &[&Path]) -> common::Output {
+fn cmd(program: &str, args: &[&Path]) -> support::Output {
     let mut c = Command::new(program);
     c.args(args);
     run_with_timeout(c, CMD_TIMEOUT)
@@ -315,7 +139,7 @@ trait Backend {
 
 /// The embedded server (library), published to with the client library.
 struct Embedded {
-    server: Option<TestServer>,
+    server: Option<Server>,
     cache_url: String,
     dir_url: String,
     store: PathBuf,
@@ -325,7 +149,7 @@ struct Embedded {
 impl Embedded {
     fn start() -> Embedded {
         require_fuse();
-        let server = TestServer::start();
+        let server = Server::start();
         let (cache_url, dir_url) = (server.cache_url(), server.dir_url());
         let client = publisher(&cache_url, &dir_url, Who::A);
         Embedded {
@@ -337,7 +161,7 @@ impl Embedded {
         }
     }
 
-    fn server(&self) -> &TestServer {
+    fn server(&self) -> &Server {
         self.server.as_ref().expect("server stopped")
     }
 }
@@ -934,7 +758,7 @@ fn mount_errors_are_clear() {
     // what is wrong once (other lines, such as warnings, may come before it). Every case
     // is checked before the test fails, so that one report lists every problem.
     let mut problems: Vec<String> = Vec::new();
-    let mut one_clear_line = |o: &common::Output, culprit: &Path, what: &str, mode: &str| {
+    let mut one_clear_line = |o: &support::Output, culprit: &Path, what: &str, mode: &str| {
         let text = o.stderr_text();
         if o.success() {
             problems.push(format!("{mode}: `mount` succeeded\n{text}"));
@@ -988,22 +812,7 @@ fn peak_rss_reading_1gib_stays_under_64mib() {
     let b = Embedded::start();
     let work = tempdir();
     let src = work.path().join("big.bin");
-    {
-        // xorshift64* in 1 MiB chunks: fast and incompressible.
-        let mut f = std::io::BufWriter::new(File::create(&src).unwrap());
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut chunk = vec![0u8; 1 << 20];
-        for _ in 0..(SIZE >> 20) {
-            for word in chunk.chunks_exact_mut(8) {
-                state ^= state >> 12;
-                state ^= state << 25;
-                state ^= state >> 27;
-                word.copy_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-            }
-            f.write_all(&chunk).unwrap();
-        }
-        f.flush().unwrap();
-    }
+    write_random_file(&src, SIZE, 0x9E37_79B9);
     let sha = b.server().block_on(publish_file(
         &b.client,
         "rss-key",

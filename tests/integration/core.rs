@@ -4,26 +4,23 @@
 //!
 //! Each test has its own server, store and cache directory.
 
-mod common;
-#[path = "common/mount_util.rs"]
-mod mount_util;
+use crate::support;
 
-use mount_util::{
-    cert_a, cert_b, corrupt_file, files_at_least, publish, publish_raw_inner, publisher,
-    quick_limits, reader_config, upload_blob, Who, CN_A, CN_B,
-};
 use serde_json::{json, Value};
 use shacachefs::cache::{Cache, CacheOptions};
 use shacachefs::client::Client;
 use shacachefs::digest::Sha512;
 use shacachefs::fs::{Core, FsError, FsOptions, Kind, ROOT_INO};
-use shacachefs::server::{self, blob_path, key_path, RunningServer, ServerOptions};
+use shacachefs::server::{self, blob_path, RunningServer, ServerOptions};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use support::faulty::{blob_target, Fault, FaultyServer, Rule};
+use support::{
+    cert_a, cert_b, corrupt_file, files_at_least, publish, publish_raw_inner, publisher,
+    quick_limits, reader_config, upload_blob, Who, CN_A, CN_B,
+};
 
 // ---------------------------------------------------------------------------------------
 // The world of one test.
@@ -39,7 +36,7 @@ struct World {
 
 impl World {
     async fn new() -> World {
-        let tmp = common::tempdir();
+        let tmp = support::tempdir();
         let server = server::start(
             "127.0.0.1:0".parse().unwrap(),
             ServerOptions {
@@ -201,210 +198,42 @@ struct PlainOpts {
     head: bool,
     /// Honour `Range` (else a 200 with the whole body).
     ranges: bool,
-    /// Wait this long before sending a blob's body.
+    /// Wait this long before answering a blob's GET.
     body_delay: Duration,
 }
 
-#[derive(Debug, Clone)]
-struct Logged {
-    method: String,
-    path: String,
-    range: Option<String>,
-    status: u16,
-}
-
-struct PlainServer {
-    base: String,
-    log: Arc<Mutex<Vec<Logged>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for PlainServer {
-    fn drop(&mut self) {
-        self.task.abort();
+/// The fault server over a copy of the world's store (as it is on disk now), answering
+/// as `opts` says.
+async fn plain_server(w: &World, opts: PlainOpts) -> FaultyServer {
+    let srv = FaultyServer::start().await;
+    srv.load_store(&w.store());
+    if !opts.head {
+        srv.push_rule(Rule::new(Fault::Status(501)).method("HEAD"));
     }
-}
-
-impl PlainServer {
-    async fn start(root: PathBuf, opts: PlainOpts) -> PlainServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let task_log = log.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                tokio::spawn(plain_serve(sock, root.clone(), opts, task_log.clone()));
-            }
-        });
-        PlainServer { base, log, task }
-    }
-
-    fn cache_url(&self) -> String {
-        format!("{}/shacache", self.base)
-    }
-
-    fn dir_url(&self) -> String {
-        format!("{}/shadir", self.base)
-    }
-
-    /// GETs of a blob answered with the whole body (200).
-    fn full_gets(&self, sha: &Sha512) -> usize {
-        let path = format!("/shacache/{sha}");
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.method == "GET" && r.path == path && r.status == 200)
-            .count()
-    }
-
-    fn requests(&self) -> Vec<Logged> {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-/// One request per connection (`Connection: close`).
-async fn plain_serve(
-    sock: TcpStream,
-    root: PathBuf,
-    opts: PlainOpts,
-    log: Arc<Mutex<Vec<Logged>>>,
-) {
-    let (r, mut w) = sock.into_split();
-    let mut r = BufReader::new(r);
-    let mut line = String::new();
-    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-        return;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or_default().to_string();
-    let path = parts.next().unwrap_or_default().to_string();
-    let mut range = None;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).await.unwrap_or(0) == 0 || h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("range") {
-                range = Some(v.trim().to_string());
-            }
-        }
-    }
-    let (status, headers, body, is_blob) = plain_answer(&root, opts, &method, &path, &range);
-    log.lock().unwrap().push(Logged {
-        method: method.clone(),
-        path,
-        range,
-        status,
-    });
-    let mut head = format!("HTTP/1.1 {status} X\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    if w.write_all(head.as_bytes()).await.is_err() {
-        return;
-    }
-    if method == "HEAD" {
-        return;
-    }
-    if is_blob && status == 200 && !opts.body_delay.is_zero() {
-        tokio::time::sleep(opts.body_delay).await;
-    }
-    let _ = w.write_all(&body).await;
-    let _ = w.shutdown().await;
-}
-
-type Answer = (u16, Vec<(String, String)>, Vec<u8>, bool);
-
-fn plain_answer(
-    root: &Path,
-    opts: PlainOpts,
-    method: &str,
-    path: &str,
-    range: &Option<String>,
-) -> Answer {
-    let empty = |status: u16| {
-        (
-            status,
-            vec![("Content-Length".into(), "0".into())],
-            Vec::new(),
-            false,
-        )
-    };
-    if let Some(name) = path.strip_prefix("/shacache/") {
-        if method == "HEAD" && !opts.head {
-            return empty(501);
-        }
-        let Ok(sha) = Sha512::parse(name) else {
-            return empty(404);
-        };
-        let Ok(data) = std::fs::read(blob_path(root, &sha)) else {
-            return empty(404);
-        };
-        let total = data.len();
-        if method == "HEAD" {
-            return (
-                200,
-                vec![("Content-Length".into(), total.to_string())],
-                Vec::new(),
-                true,
-            );
-        }
-        if let (true, Some(r)) = (opts.ranges, range) {
-            if let Some((a, b)) = r.strip_prefix("bytes=").and_then(|s| s.split_once('-')) {
-                let first: usize = a.parse().unwrap_or(0);
-                if first >= total {
-                    return (
-                        416,
-                        vec![
-                            ("Content-Length".into(), "0".into()),
-                            ("Content-Range".into(), format!("bytes */{total}")),
-                        ],
-                        Vec::new(),
-                        true,
-                    );
-                }
-                let last = b.parse::<usize>().unwrap_or(total - 1).min(total - 1);
-                let part = data[first..=last].to_vec();
-                return (
-                    206,
-                    vec![
-                        ("Content-Length".into(), part.len().to_string()),
-                        (
-                            "Content-Range".into(),
-                            format!("bytes {first}-{last}/{total}"),
-                        ),
-                    ],
-                    part,
-                    true,
-                );
-            }
-        }
-        return (
-            200,
-            vec![("Content-Length".into(), total.to_string())],
-            data,
-            true,
+    if !opts.ranges {
+        srv.push_rule(
+            Rule::new(Fault::IgnoreRange)
+                .method("GET")
+                .prefix("/shacache/"),
         );
     }
-    if let Some(seg) = path.strip_prefix("/shadir/") {
-        let key: Vec<u8> = percent_encoding::percent_decode_str(seg).collect();
-        return match std::fs::read(key_path(root, &key)) {
-            Ok(body) => (
-                200,
-                vec![
-                    ("Content-Length".into(), body.len().to_string()),
-                    ("Content-Type".into(), "application/json".into()),
-                ],
-                body,
-                false,
-            ),
-            Err(_) => empty(404),
-        };
+    if !opts.body_delay.is_zero() {
+        srv.push_rule(
+            Rule::new(Fault::Delay(opts.body_delay))
+                .method("GET")
+                .prefix("/shacache/"),
+        );
     }
-    empty(404)
+    srv
+}
+
+/// GETs of a blob answered with the whole body (200).
+fn full_gets(srv: &FaultyServer, sha: &Sha512) -> usize {
+    let path = blob_target(sha);
+    srv.requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == path && r.status == 200)
+        .count()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -656,7 +485,7 @@ async fn sizes_are_true_with_head_and_by_probing() {
     let sizes = [0usize, 1, 4099, (1 << 20) + 17];
     let mut shas = Vec::new();
     for (i, n) in sizes.iter().enumerate() {
-        let data = common::pseudo_random_bytes(*n, i as u64 + 1);
+        let data = support::pseudo_random_bytes(*n, i as u64 + 1);
         shas.push(publish(&w.a, "sizes", &data, json!({ "file": format!("f{i}") })).await);
     }
     let check = |core: Arc<Core>| async move {
@@ -672,8 +501,8 @@ async fn sizes_are_true_with_head_and_by_probing() {
 
     // No HEAD, ranges honoured: the size comes from a 206 (or a 416 for the empty blob),
     // and nothing is downloaded.
-    let ranged = PlainServer::start(
-        w.store(),
+    let ranged = plain_server(
+        &w,
         PlainOpts {
             head: false,
             ranges: true,
@@ -698,12 +527,16 @@ async fn sizes_are_true_with_head_and_by_probing() {
         "no ranged probe: {asked:?}"
     );
     for sha in &shas {
-        assert_eq!(ranged.full_gets(sha), 0, "no full download to learn a size");
+        assert_eq!(
+            full_gets(&ranged, sha),
+            0,
+            "no full download to learn a size"
+        );
     }
 
     // Neither HEAD nor ranges (like the reference test server): the probe reads the whole
     // blob, which is verified and kept, so reading it costs no second download.
-    let plain = PlainServer::start(w.store(), PlainOpts::default()).await;
+    let plain = plain_server(&w, PlainOpts::default()).await;
     let (c, d) = (plain.cache_url(), plain.dir_url());
     let core = check(w.core_at(
         Some((c.as_str(), d.as_str())),
@@ -724,8 +557,8 @@ async fn sizes_are_true_with_head_and_by_probing() {
         );
         let ino = file_ino(&core, "sizes", &format!("f{i}")).await;
         let data = read_all(&core, ino).await.unwrap();
-        assert_eq!(data, common::pseudo_random_bytes(sizes[i], i as u64 + 1));
-        assert_eq!(plain.full_gets(sha), 1, "f{i}: downloads");
+        assert_eq!(data, support::pseudo_random_bytes(sizes[i], i as u64 + 1));
+        assert_eq!(full_gets(&plain, sha), 1, "f{i}: downloads");
     }
 }
 
@@ -748,7 +581,7 @@ async fn listing_refreshes_after_dir_ttl_not_before() {
     );
     let listed_at = Instant::now();
     let entry =
-        w.a.make_entry(&two, &mount_util::meta(json!({"file": "two.txt"})));
+        w.a.make_entry(&two, &support::meta(json!({"file": "two.txt"})));
     w.a.store.put_dir("ttl", &entry).await.unwrap();
     let names = file_names(&core, "ttl").await;
     let dir = key_ino(&core, "ttl").await;
@@ -874,7 +707,7 @@ async fn entries_json_lists_every_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sha512_directory_finds_blobs_by_hash() {
     let w = World::new().await;
-    let data = common::pseudo_random_bytes(70_000, 9);
+    let data = support::pseudo_random_bytes(70_000, 9);
     let sha = upload_blob(&w.a, &data).await;
     let core = w.core(opts());
     let dir = core.lookup(ROOT_INO, ".sha512").await.unwrap();
@@ -910,10 +743,10 @@ async fn sha512_directory_finds_blobs_by_hash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_opens_of_a_cold_blob_download_it_once() {
     let w = World::new().await;
-    let data = common::pseudo_random_bytes(4 << 20, 4);
+    let data = support::pseudo_random_bytes(4 << 20, 4);
     let sha = publish(&w.a, "sf", &data, json!({"file": "big.bin"})).await;
-    let srv = PlainServer::start(
-        w.store(),
+    let srv = plain_server(
+        &w,
         PlainOpts {
             head: true,
             ranges: true,
@@ -941,21 +774,21 @@ async fn concurrent_opens_of_a_cold_blob_download_it_once() {
     assert_eq!(stat(&core, "misses"), 1, "cache misses");
     assert_eq!(stat(&core, "hits"), 3, "cache hits");
     assert_eq!(stat(&core, "fetched"), data.len() as u64, "bytes fetched");
-    assert_eq!(srv.full_gets(&sha), 1, "downloads seen by the server");
+    assert_eq!(full_gets(&srv, &sha), 1, "downloads seen by the server");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_blob_fails_with_eio_and_is_never_cached() {
     let w = World::new().await;
-    let data = common::pseudo_random_bytes(64 << 10, 5);
+    let data = support::pseudo_random_bytes(64 << 10, 5);
     let sha = publish(&w.a, "bad", &data, json!({"file": "bad.bin"})).await;
     let stored = blob_path(&w.store(), &sha);
     let good = std::fs::read(&stored).unwrap();
     corrupt_file(&stored);
 
     // A server with HEAD: the size is known, the open downloads, fails, retries once.
-    let srv = PlainServer::start(
-        w.store(),
+    let srv = plain_server(
+        &w,
         PlainOpts {
             head: true,
             ranges: true,
@@ -990,14 +823,14 @@ async fn corrupt_blob_fails_with_eio_and_is_never_cached() {
         assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     }
     assert_eq!(
-        srv.full_gets(&sha),
+        full_gets(&srv, &sha),
         4,
         "one download and one retry per open"
     );
     assert!(files_at_least(&w.tmp.path().join("cache"), data.len() as u64).is_empty());
 
     // A server without HEAD nor ranges: the size probe itself downloads and must refuse.
-    let plain = PlainServer::start(w.store(), PlainOpts::default()).await;
+    let plain = plain_server(&w, PlainOpts::default()).await;
     let (c, d) = (plain.cache_url(), plain.dir_url());
     let core2 = w.core_at(
         Some((c.as_str(), d.as_str())),
@@ -1016,6 +849,7 @@ async fn corrupt_blob_fails_with_eio_and_is_never_cached() {
 
     // Once the server has the right bytes again, the same mount reads them.
     std::fs::write(&stored, &good).unwrap();
+    srv.load_store(&w.store());
     assert_eq!(read_all(&core, ino).await.unwrap(), data);
     assert!(core.cache().lookup_blob(&sha).is_some());
 }
@@ -1023,7 +857,7 @@ async fn corrupt_blob_fails_with_eio_and_is_never_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_serves_cached_listings_and_blobs() {
     let mut w = World::new().await;
-    let a_data = common::pseudo_random_bytes(100_000, 6);
+    let a_data = support::pseudo_random_bytes(100_000, 6);
     publish(&w.a, "off", &a_data, json!({"file": "a.bin"})).await;
     publish(&w.a, "off", b"never read", json!({"file": "b.bin"})).await;
     let quick = FsOptions {

@@ -63,17 +63,6 @@ fn extra_of(e: &RawEntry) -> String {
     v["extra"].as_str().unwrap().to_string()
 }
 
-/// A small deterministic generator (no test depends on an outside seed).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Reads whatever the server sends until it closes (or `limit` passes); returns the
 /// bytes, whether it closed, and when.
 async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool, Duration) {
@@ -133,7 +122,7 @@ async fn hanging_up_clients_lose_no_acknowledged_entry() {
         for h in 0..6u64 {
             let (sha, pad) = (sha.clone(), pad.clone());
             tasks.push(tokio::spawn(async move {
-                let mut rng = Rng(0x9e37_79b9 + h * 7919 + run as u64 * 104_729);
+                let mut rng = crate::support::rng(0x9e37_79b9 + h * 7919 + run as u64 * 104_729);
                 let mut i = 0;
                 while Instant::now() < deadline {
                     let body = entry(&sha, &format!("h{h}-{i}-{pad}")).to_put_body();
@@ -144,7 +133,7 @@ async fn hanging_up_clients_lose_no_acknowledged_entry() {
                     if let Ok(mut t) = TcpStream::connect(addr).await {
                         let _ = t.write_all(req.as_bytes()).await;
                         // Mostly while the server is storing it, sometimes later.
-                        let r = rng.next();
+                        let r = rand::RngCore::next_u64(&mut rng);
                         let wait = if r % 4 == 0 { r % 300 } else { r % 8 };
                         tokio::time::sleep(Duration::from_millis(wait)).await;
                     }
@@ -233,11 +222,7 @@ impl ServeProcess {
     fn start(root: &Path, extra: &[&str], env: &[(&str, &str)]) -> ServeProcess {
         // Find a free port, then let serve bind it (bounded retries on a lost race).
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = crate::support::free_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             let mut cmd = Command::new(bin());
             cmd.arg("serve")
@@ -446,10 +431,7 @@ async fn clients_that_never_read_are_dropped_and_others_served() {
     const SIZE: usize = 32 << 20;
     let dir = tempfile::tempdir().unwrap();
     let s = start_with(dir.path(), short_limits()).await;
-    let mut rng = Rng(0x1234_5678_9abc);
-    let data: Vec<u8> = (0..SIZE / 8)
-        .flat_map(|_| rng.next().to_le_bytes())
-        .collect();
+    let data = crate::support::pseudo_random_bytes(SIZE, 0x1234_5678_9abc);
     let sha = Sha512::of(&data);
     let c = http();
     let r = c.post(s.cache_url()).body(data).send().await.unwrap();
@@ -805,11 +787,7 @@ async fn upload_credentials_from_a_file_or_the_environment_stay_off_the_command_
 #[test]
 fn serve_raises_the_soft_open_file_limit_to_the_hard_one() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     // Started with a low soft limit, as a shell or a unit often gives.
     let mut child = Command::new("bash")
         .arg("-c")

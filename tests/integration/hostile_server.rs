@@ -8,17 +8,18 @@
 //! contents are checked), the store holds only well-formed files, and the server still
 //! answers.
 
-mod common;
+use crate::support;
+use support::files_under;
 
-use common::{pseudo_random_bytes, TestServer};
 use shacachefs::digest::Sha512;
 use shacachefs::server::store::key_of_path;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{pseudo_random_bytes, Server};
 
 /// Read/write timeout of every raw connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -234,7 +235,7 @@ fn put_body(sha: &Sha512, name: &str) -> Vec<u8> {
 
 /// The embedded server, with a canary directory beside its root.
 struct Setup {
-    srv: TestServer,
+    srv: Server,
     addr: SocketAddr,
     known: Vec<u8>,
     known_sha: Sha512,
@@ -244,7 +245,7 @@ const CANARY: &[u8] = b"must never change\n";
 
 impl Setup {
     fn new() -> Setup {
-        let srv = TestServer::start();
+        let srv = Server::start();
         let outside = srv.store().parent().expect("root's parent").join("outside");
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::write(outside.join("canary.txt"), CANARY).unwrap();
@@ -360,23 +361,6 @@ impl Setup {
             }
         }
     }
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(e.path()),
-                _ => found.push(e.path()),
-            }
-        }
-    }
-    found
 }
 
 #[track_caller]

@@ -1,22 +1,34 @@
-//! Helpers shared by the integration tests (`mod common;` in a `tests/*.rs` file).
-//!
-//! What it owns:
-//! - [`TestServer`]: the embedded shacache + shadir server on `127.0.0.1:0` over a fresh
-//!   temporary store, on its own tokio runtime, so a plain `#[test]` can block on child
-//!   processes while the server keeps answering;
-//! - [`NetworkcacheConfig`]: writes a `[networkcache]` configuration file the way SlapOS
-//!   operators write them (certificate list as an indented multi-line value);
-//! - [`run`] and [`shacachefs`]: child processes with a hard deadline (a child that runs
-//!   over is killed and the test fails with what it printed);
-//! - [`reference_venv`]: the reference client's virtual environment, or a failure telling
-//!   to run `scripts/test` (interop tests fail, never skip, when it is missing);
-//! - [`http_get`]: a plain HTTP/1.0 GET with std only, for looking at raw server answers;
-//! - [`fixture`], [`tempdir`], [`pseudo_random_bytes`]: small conveniences.
-//!
-//! Not every test file uses every helper, hence the module-wide `dead_code` allowance.
-#![allow(dead_code)]
+//! The integration tests' support, one place per concept (in the manner of cargo's
+//! `cargo-test-support`):
+//! - [`server`]: the embedded server on its own runtime, restartable on the same port and
+//!   store ([`Server`], [`ServerBuilder`]);
+//! - [`faulty`]: the rules-driven fault-injecting HTTP/1 server (delays, trickles,
+//!   statuses, lying sizes, corrupt bytes, hang-ups, held requests);
+//! - [`mount`]: the mount guard ([`Mount`], [`MountBuilder`]), mounted with bounded waits
+//!   and always unmounted when dropped;
+//! - [`pki`]: CA, server and client certificates made in Rust ([`pki::Pki`]);
+//! - [`random`]: seeded random data (`rand`);
+//! - [`publish`]: the fixture signers and a publishing client; [`files`]: bounded
+//!   commands and file helpers;
+//! - here: [`NetworkcacheConfig`] (a `[networkcache]` file as SlapOS operators write it),
+//!   [`run`] and [`shacachefs`] (child processes with a hard deadline), [`reference_venv`]
+//!   (the reference client's virtual environment; interop tests fail, never skip, when
+//!   it is missing), [`http_get`] (a raw HTTP/1.0 GET), [`fixture`], [`tempdir`].
 
-use shacachefs::server::{self, RunningServer, ServerOptions};
+pub mod faulty;
+pub mod files;
+pub mod mount;
+pub mod pki;
+pub mod publish;
+pub mod random;
+pub mod server;
+
+pub use files::*;
+pub use mount::*;
+pub use publish::*;
+pub use random::*;
+pub use server::*;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -43,7 +55,16 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-/// A fresh temporary directory (removed when dropped).
+/// A tokio runtime of its own (two workers) for a server that must keep answering while
+/// a plain `#[test]` blocks on child processes and mounts.
+pub fn own_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot build a tokio runtime")
+}
+
 /// Closes `f`, returning the error of `close()` (which `File`'s drop ignores): that is
 /// where shacachefs reports a failed upload.
 pub fn close_checked(f: std::fs::File) -> std::io::Result<()> {
@@ -56,110 +77,34 @@ pub fn close_checked(f: std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs `body` as the test `name` (its full path, e.g. `server::t`) alone in a fresh
+/// process of this test binary, for a test that measures the whole process (its peak
+/// RSS): in this process the other tests running meanwhile would count too.
+#[track_caller]
+pub fn in_own_process(name: &str, body: impl FnOnce()) {
+    const VAR: &str = "SHACACHEFS_TEST_OWN_PROCESS";
+    if std::env::var_os(VAR).is_some_and(|v| v == name) {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut c = Command::new(exe);
+    c.args([name, "--exact", "--test-threads=1"]).env(VAR, name);
+    let out = run_with_timeout(c, CHILD_TIMEOUT);
+    out.assert_success();
+    assert!(
+        out.stdout_text().contains("1 passed"),
+        "{name} did not run in its own process:\n{}",
+        out.describe()
+    );
+}
+
+/// A fresh temporary directory (removed when dropped).
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("shacachefs-test-")
         .tempdir()
         .expect("cannot create a temporary directory")
-}
-
-/// `len` bytes of reproducible pseudo-random data (xorshift64*), different per `seed`.
-pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// The embedded server over a temporary store, running on its own runtime. Stopped (and
-/// the store removed) when dropped.
-pub struct TestServer {
-    server: Option<RunningServer>,
-    // Declared after `server` so that the runtime outlives it while dropping.
-    runtime: tokio::runtime::Runtime,
-    root: tempfile::TempDir,
-}
-
-impl TestServer {
-    /// Starts a plain-HTTP server without upload authentication on `127.0.0.1:0`.
-    pub fn start() -> Self {
-        Self::start_with(|_| {})
-    }
-
-    /// Starts a server whose options `adjust` may change (authentication, TLS); the
-    /// store root is already set to a fresh temporary directory.
-    pub fn start_with(adjust: impl FnOnce(&mut ServerOptions)) -> Self {
-        let root = tempdir();
-        let mut opts = ServerOptions {
-            root: root.path().join("store"),
-            upload_user: None,
-            tls: None,
-        };
-        adjust(&mut opts);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("cannot build a tokio runtime");
-        let server = runtime
-            .block_on(server::start("127.0.0.1:0".parse().unwrap(), opts))
-            .expect("cannot start the embedded server");
-        TestServer {
-            server: Some(server),
-            runtime,
-            root,
-        }
-    }
-
-    fn running(&self) -> &RunningServer {
-        self.server.as_ref().expect("server already stopped")
-    }
-
-    /// `http://127.0.0.1:PORT/shacache`.
-    pub fn cache_url(&self) -> String {
-        self.running().cache_url()
-    }
-
-    /// `http://127.0.0.1:PORT/shadir`.
-    pub fn dir_url(&self) -> String {
-        self.running().dir_url()
-    }
-
-    /// The server's store directory (`ROOT/shacache`, `ROOT/shadir`).
-    pub fn store(&self) -> PathBuf {
-        self.root.path().join("store")
-    }
-
-    /// A scratch directory beside the store, removed with the server.
-    pub fn scratch(&self) -> PathBuf {
-        let dir = self.root.path().join("scratch");
-        std::fs::create_dir_all(&dir).expect("cannot create the scratch directory");
-        dir
-    }
-
-    /// Runs a future on the server's runtime (e.g. an async HTTP client).
-    pub fn block_on<F: std::future::Future>(&self, fut: F) -> F::Output {
-        self.runtime.block_on(fut)
-    }
-
-    /// A configuration whose four URLs point at this server.
-    pub fn config(&self) -> NetworkcacheConfig {
-        NetworkcacheConfig::for_urls(&self.cache_url(), &self.dir_url())
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            self.runtime.block_on(server.shutdown());
-        }
-    }
 }
 
 /// The `[networkcache]` section of a configuration file.
@@ -432,19 +377,7 @@ where
 #[derive(Debug)]
 pub struct HttpResponse {
     pub status: u16,
-    /// Header lines as sent (names as the server wrote them).
-    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
-}
-
-impl HttpResponse {
-    /// The first header of that name (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
 }
 
 /// `GET url` (`http://HOST:PORT/PATH` only) as HTTP/1.0, so the body ends with the
@@ -474,19 +407,14 @@ pub fn http_get(url: &str) -> HttpResponse {
         .position(|w| w == b"\r\n\r\n")
         .unwrap_or_else(|| panic!("GET {url}: no end of headers in the answer"));
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines
+    let status = head
+        .split("\r\n")
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("GET {url}: bad status line in {head:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
     HttpResponse {
         status,
-        headers,
         body: raw[split + 4..].to_vec(),
     }
 }

@@ -13,9 +13,8 @@
 //! [`RSS_LIMIT_KIB`]. The figures are printed. Every loop is bounded by time and count.
 //! Real mounts: the test fails (never skips) when FUSE is unusable.
 
-mod common;
-#[path = "common/write_util.rs"]
-mod write_util;
+use crate::support;
+use rand::{Rng as _, RngCore as _};
 
 use shacachefs::digest::Sha512;
 use std::collections::BTreeMap;
@@ -27,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use write_util::{
+use support::{
     cli, list_dir, sha512_file, signed_config, wait_within, write_random_file, Mount, Server,
 };
 
@@ -63,24 +62,6 @@ fn soak_duration() -> Duration {
         })
         .unwrap_or(60);
     Duration::from_secs(secs)
-}
-
-/// xorshift64*, one per thread.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// What the threads share.
@@ -182,7 +163,7 @@ fn check_entries_json(dir: &Path, known: &[(String, String)]) -> Result<(), Stri
 }
 
 fn reader(shared: Arc<Shared>, dir: PathBuf, deadline: Instant, seed: u64) {
-    let mut rng = Rng::new(seed);
+    let mut rng = support::rng(seed);
     for i in 0..MAX_OPS {
         if Instant::now() >= deadline {
             break;
@@ -198,7 +179,7 @@ fn reader(shared: Arc<Shared>, dir: PathBuf, deadline: Instant, seed: u64) {
             };
             continue;
         }
-        let (name, sha) = &known[rng.below(known.len() as u64) as usize];
+        let (name, sha) = &known[rng.gen_range(0..known.len())];
         match check_entry(&dir, name, sha) {
             Ok(len) => {
                 shared.reads.fetch_add(1, Ordering::Relaxed);
@@ -210,15 +191,15 @@ fn reader(shared: Arc<Shared>, dir: PathBuf, deadline: Instant, seed: u64) {
 }
 
 fn writer(shared: Arc<Shared>, dir: PathBuf, scratch: PathBuf, deadline: Instant, id: usize) {
-    let mut rng = Rng::new(0x5eed + id as u64);
+    let mut rng = support::rng(0x5eed + id as u64);
     for i in 0..MAX_OPS {
         if Instant::now() >= deadline {
             break;
         }
         let name = format!("w{id}-{i:04}.bin");
         let src = scratch.join(&name);
-        let size = 16 * KIB + rng.below(4 * MIB);
-        write_random_file(&src, size, rng.next());
+        let size = 16 * KIB + rng.gen_range(0..4 * MIB);
+        write_random_file(&src, size, rng.next_u64());
         let sha = sha512_file(&src);
         let mut child = match Command::new("cp")
             .arg(&src)
@@ -273,19 +254,19 @@ fn sample(pid: u32) -> (usize, u64) {
 #[test]
 fn readers_and_writers_through_one_mount_stay_correct_and_bounded() {
     let duration = soak_duration();
-    let work = common::tempdir();
-    let server = Server::start(&work.path().join("store"), None);
+    let work = support::tempdir();
+    let server = Server::start_at(&work.path().join("store"), None);
     let cfg = signed_config(&server, work.path(), "slapcache.cfg");
     let scratch = work.path().join("scratch");
     std::fs::create_dir_all(&scratch).expect("scratch directory");
 
     // Entries published before the mount, with the CLI.
     let shared = Arc::new(Shared::default());
-    let mut rng = Rng::new(42);
+    let mut rng = support::rng(42);
     for i in 0..INITIAL_ENTRIES {
         let name = format!("initial-{i:02}.bin");
         let src = scratch.join(&name);
-        write_random_file(&src, 4 * KIB + rng.below(2 * MIB), rng.next());
+        write_random_file(&src, 4 * KIB + rng.gen_range(0..2 * MIB), rng.next_u64());
         let sha = sha512_file(&src);
         cli(&[
             OsString::from("upload"),

@@ -7,22 +7,22 @@
 //! Every test runs its own embedded server on 127.0.0.1:0. Without the reference client
 //! the tests fail (never skip), saying to run `scripts/test`.
 
-mod common;
+use crate::support;
 
-use common::{
-    fixture, http_get, reference, reference_venv, run, run_with_timeout, shacachefs,
-    NetworkcacheConfig, Output, TestServer,
-};
 use serde_json::Value;
 use sha2::Digest;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use support::{
+    fixture, http_get, reference, reference_venv, run, run_with_timeout, shacachefs,
+    NetworkcacheConfig, Output, Server,
+};
 
 /// One test's world: a server and a scratch directory for configurations and files.
 struct World {
-    server: TestServer,
+    server: Server,
     dir: PathBuf,
 }
 
@@ -30,7 +30,7 @@ impl World {
     fn new() -> Self {
         // Fail early, with the "run scripts/test" message, when the client is missing.
         reference_venv();
-        let server = TestServer::start();
+        let server = Server::start();
         let dir = server.scratch();
         World { server, dir }
     }
@@ -177,7 +177,7 @@ fn reference_upload_shacachefs_download() {
     let cfg = w.config("a.cfg", |c| c.signer_a());
     // A key with the characters of real requirement keys (`:`, `=`, `+`, `.`).
     let key = "pypi:zc.buildout==2.5.2+slapos014";
-    let first = common::pseudo_random_bytes(100_003, 1);
+    let first = support::pseudo_random_bytes(100_003, 1);
     let second = b"the second entry\n".to_vec();
     let f1 = w.file("first.bin", &first);
     let f2 = w.file("second.bin", &second);
@@ -426,8 +426,8 @@ fn sizes_round_trip_both_ways() {
     let cfg = w.config("a.cfg", |c| c.signer_a());
     for (i, size) in [0usize, 1, 20 << 20].into_iter().enumerate() {
         let seed = 10 * i as u64;
-        let to_ours = common::pseudo_random_bytes(size, seed + 1);
-        let to_ref = common::pseudo_random_bytes(size, seed + 2);
+        let to_ours = support::pseudo_random_bytes(size, seed + 1);
+        let to_ref = support::pseudo_random_bytes(size, seed + 2);
 
         // Reference upload, shacachefs download.
         let key = format!("size-{size}-ref");
@@ -624,7 +624,7 @@ const SUITE_TIMEOUT: Duration = Duration::from_secs(300);
 /// use `w`'s server.
 fn suite_python(w: &World, args: &[&str]) -> Command {
     let mut cmd = Command::new(reference_venv().join("bin/python"));
-    common::without_proxy(&mut cmd)
+    support::without_proxy(&mut cmd)
         .args(args)
         .current_dir(&w.dir)
         .env("TEST_SHA_CACHE", w.server.cache_url())

@@ -4,34 +4,28 @@
 //! 200 has no `Content-Length`, and a daemon short of file descriptors.
 //!
 //! The core tests drive `shacachefs::fs::Core` against the fault-injecting server of
-//! `common/faulty.rs`; the mount tests use real FUSE mounts (as root) of the embedded
+//! `support/faulty.rs`; the mount tests use real FUSE mounts (as root) of the embedded
 //! server. Small disks are tmpfs mounts made for one test. Every wait is bounded, every
 //! server is on 127.0.0.1.
 
-mod common;
-#[path = "common/faulty.rs"]
-mod faulty;
-#[path = "common/mount_util.rs"]
-mod mount_util;
-#[path = "common/write_util.rs"]
-mod write_util;
+use crate::support;
+use crate::support::faulty;
+use support::{cert_a, Tmpfs};
 
-use common::{pseudo_random_bytes, run_with_timeout, shacachefs_bin, without_proxy};
-use faulty::{blob_target, Fault, FaultyServer, Rule};
-use serde_json::{json, Map, Value};
+use faulty::{blob_target, Fault, Rule, SignedServer};
+use serde_json::json;
 use shacachefs::cache::{Cache, CacheOptions};
 use shacachefs::client::Client;
 use shacachefs::config::Config;
 use shacachefs::digest::Sha512;
 use shacachefs::fs::{Core, FsError, FsOptions, ROOT_INO};
 use shacachefs::remote::Limits;
-use shacachefs::signature::Signer;
-use shacachefs::wire::{build_inner, RawEntry};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use write_util::{force_unmount, is_mounted, wait_within, Mount, Server};
+use std::time::Duration;
+use support::{pseudo_random_bytes, run_with_timeout, shacachefs_bin, without_proxy};
+use support::{wait_within, Mount, Server};
 
 /// No single core operation may take longer than this.
 const OP_LIMIT: Duration = Duration::from_secs(60);
@@ -50,44 +44,19 @@ fn fast() -> Limits {
     }
 }
 
-fn signer_a() -> Signer {
-    Signer::load(&common::fixture("signature/signer-a.pkcs1.key")).expect("fixture signer A")
-}
-
-fn cert_a() -> String {
-    std::fs::read_to_string(common::fixture("signature/signer-a.crt")).expect("signer-a.crt")
-}
-
 /// A faulty server with signed entries, and a directory for caches.
-struct World {
-    tmp: tempfile::TempDir,
-    srv: FaultyServer,
-    signer: Signer,
+struct World(SignedServer);
+
+impl std::ops::Deref for World {
+    type Target = SignedServer;
+    fn deref(&self) -> &SignedServer {
+        &self.0
+    }
 }
 
 impl World {
     async fn new() -> World {
-        World {
-            tmp: common::tempdir(),
-            srv: FaultyServer::start().await,
-            signer: signer_a(),
-        }
-    }
-
-    /// Stores `data` and publishes it under `key` as `name`.
-    fn publish(&self, key: &str, name: &str, data: &[u8]) -> Sha512 {
-        let sha = self.srv.add_blob(data);
-        let mut meta = Map::new();
-        meta.insert("file".into(), Value::String(name.to_string()));
-        let inner = build_inner(&sha, &meta);
-        self.srv.add_entry(
-            key,
-            RawEntry {
-                signature: self.signer.sign(&inner),
-                inner,
-            },
-        );
-        sha
+        World(SignedServer::start().await)
     }
 
     /// A read-only core with its cache in `dir`, keeping `max_bytes`.
@@ -292,43 +261,6 @@ async fn a_lying_head_does_not_make_a_good_cached_blob_wrong() {
     assert_eq!(core.cache().size_of(&sha), Some(200_000));
 }
 
-/// A tmpfs mounted for one test, unmounted (lazily if busy) when dropped.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    #[track_caller]
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "small-disk tests mount a tmpfs: run them as root"
-        );
-        std::fs::create_dir_all(dir).expect("creating the tmpfs mountpoint");
-        let mut c = Command::new("mount");
-        c.args([
-            "-t",
-            "tmpfs",
-            "-o",
-            &format!("size={size},mode=0700"),
-            "tmpfs",
-        ])
-        .arg(dir);
-        run_with_timeout(c, Duration::from_secs(30)).assert_success();
-        Tmpfs {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        force_unmount(&self.dir);
-    }
-}
-
 /// Case 14: two concurrent 2.5 MB downloads on an 8 MiB cache disk holding three
 /// evictable 2 MB blobs: each download's room is counted with the other's, so closed
 /// blobs are evicted for both and neither gets ENOSPC. Four rounds.
@@ -457,10 +389,9 @@ struct Published {
 
 impl Published {
     fn start() -> Published {
-        let work = common::tempdir();
-        let server = Server::start(&work.path().join("store"), None);
-        let client =
-            mount_util::publisher(&server.cache_url(), &server.dir_url(), mount_util::Who::A);
+        let work = support::tempdir();
+        let server = Server::start_at(&work.path().join("store"), None);
+        let client = support::publisher(&server.cache_url(), &server.dir_url(), support::Who::A);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -474,7 +405,7 @@ impl Published {
     }
 
     fn publish(&self, key: &str, name: &str, data: &[u8]) -> Sha512 {
-        self.runtime.block_on(mount_util::publish(
+        self.runtime.block_on(support::publish(
             &self.client,
             key,
             data,
@@ -483,7 +414,7 @@ impl Published {
     }
 
     fn config(&self) -> PathBuf {
-        write_util::signed_config(&self.server, self.work.path(), "mount.cfg")
+        support::signed_config(&self.server, self.work.path(), "mount.cfg")
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -640,14 +571,14 @@ fn many_processes_read_while_republished(extra: &[&str]) {
     let (cache_url, dir_url) = (p.server.cache_url(), p.server.dir_url());
     let publishing_names = names.clone();
     let publisher = std::thread::spawn(move || {
-        let client = mount_util::publisher(&cache_url, &dir_url, mount_util::Who::A);
+        let client = support::publisher(&cache_url, &dir_url, support::Who::A);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         for version in 1..=10u32 {
             for (name, lines) in &publishing_names {
-                rt.block_on(mount_util::publish(
+                rt.block_on(support::publish(
                     &client,
                     "moving",
                     &version_bytes(name, version, *lines),
@@ -695,85 +626,34 @@ fn many_processes_read_while_republished_no_passthrough() {
     many_processes_read_while_republished(&["--no-passthrough"]);
 }
 
-/// A `shacachefs mount -f` started under `prlimit --nofile=SOFT:HARD`; unmounted and
-/// ended when dropped.
-struct LimitedMount {
-    mountpoint: PathBuf,
-    log: PathBuf,
-    child: Option<std::process::Child>,
+/// A `shacachefs mount -f` started under `prlimit --nofile=SOFT:HARD`.
+#[track_caller]
+fn limited_mount(cfg: &Path, cache: &Path, mountpoint: &Path, soft: u64, hard: u64) -> Mount {
+    let nofile = format!("--nofile={soft}:{hard}");
+    Mount::builder(cfg, cache, mountpoint)
+        .wrapped_in(&["prlimit", &nofile, "--"])
+        .start()
 }
 
-impl LimitedMount {
-    #[track_caller]
-    fn start(cfg: &Path, cache: &Path, mountpoint: &Path, soft: u64, hard: u64) -> LimitedMount {
-        write_util::require_fuse();
-        std::fs::create_dir_all(mountpoint).unwrap();
-        let log = mountpoint.with_extension("log");
-        let logf = std::fs::File::create(&log).unwrap();
-        let mut c = Command::new("prlimit");
-        without_proxy(&mut c)
-            .arg(format!("--nofile={soft}:{hard}"))
-            .arg("--")
-            .arg(shacachefs_bin())
-            .args(["--log-level", "info", "mount", "-f", "-c"])
-            .arg(cfg)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg(mountpoint)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf);
-        let child = c.spawn().expect("prlimit … shacachefs mount");
-        let mut m = LimitedMount {
-            mountpoint: mountpoint.to_path_buf(),
-            log,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + write_util::MOUNT_TIMEOUT;
-        while !is_mounted(mountpoint) {
-            if let Ok(Some(status)) = m.child.as_mut().unwrap().try_wait() {
-                panic!("mount exited ({status}) before mounting:\n{}", m.log_text());
-            }
-            assert!(Instant::now() < deadline, "not mounted:\n{}", m.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The daemon's "Max open files" soft and hard limits.
-    fn nofile(&self) -> (String, String) {
-        let pid = self.child.as_ref().unwrap().id();
-        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-        let line = limits
-            .lines()
-            .find(|l| l.starts_with("Max open files"))
-            .expect("Max open files")
-            .to_string();
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f[3].to_string(), f[4].to_string())
-    }
-}
-
-impl Drop for LimitedMount {
-    fn drop(&mut self) {
-        force_unmount(&self.mountpoint);
-        if let Some(mut child) = self.child.take() {
-            let _ = wait_within(&mut child, Duration::from_secs(10));
-        }
-    }
+/// The daemon's "Max open files" soft and hard limits.
+fn nofile(m: &Mount) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", m.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files")
+        .to_string();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[3].to_string(), f[4].to_string())
 }
 
 /// Case 13: the daemon raises its soft open-file limit to the hard one at start.
 #[test]
 fn the_mount_raises_its_open_file_limit() {
     let p = Published::start();
-    let m = LimitedMount::start(&p.config(), &p.path("cache"), &p.path("mnt"), 256, 4096);
+    let m = limited_mount(&p.config(), &p.path("cache"), &p.path("mnt"), 256, 4096);
     assert_eq!(
-        m.nofile(),
+        nofile(&m),
         ("4096".to_string(), "4096".to_string()),
         "{}",
         m.log_text()
@@ -802,8 +682,8 @@ fn out_of_descriptors_is_emfile_and_handles_share_a_descriptor() {
         }
         m.unmount();
     }
-    let m = LimitedMount::start(&p.config(), &cache, &p.path("mnt"), 48, 48);
-    let pid = m.child.as_ref().unwrap().id();
+    let m = limited_mount(&p.config(), &cache, &p.path("mnt"), 48, 48);
+    let pid = m.pid();
     let fds = || {
         std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()

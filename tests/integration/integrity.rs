@@ -6,25 +6,21 @@
 //! replaced is what new opens read (passthrough and page cache), and `latest` and the
 //! attributes of an old version follow the server.
 //!
-//! Every mount is a `shacachefs mount -f` child guarded by `write_util::Mount`; these
+//! Every mount is a `shacachefs mount -f` child guarded by `support::Mount`; these
 //! tests fail (never skip) when FUSE cannot be used.
 
-mod common;
-#[path = "common/faulty.rs"]
-mod faulty;
-#[path = "common/write_util.rs"]
-mod write_util;
+use crate::support;
+use crate::support::faulty;
 
-use common::{pseudo_random_bytes, NetworkcacheConfig};
 use faulty::{blob_target, Background, Fault, Rule};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use shacachefs::digest::Sha512;
 use shacachefs::signature::Signer;
-use shacachefs::wire::{build_inner, RawEntry};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use write_util::{cmd, read, wait_until, Mount, CMD_TIMEOUT};
+use support::{cmd, read, wait_until, Mount, CMD_TIMEOUT};
+use support::{pseudo_random_bytes, NetworkcacheConfig};
 
 /// A fault-injecting server, a configuration signing and trusting fixture signer A,
 /// and a work directory for caches and mountpoints.
@@ -38,12 +34,12 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let tmp = common::tempdir();
+        let tmp = support::tempdir();
         let srv = Background::start();
         let cfg = NetworkcacheConfig::for_urls(&srv.cache_url(), &srv.dir_url())
             .signer_a()
             .write(tmp.path(), "networkcache.cfg");
-        let signer = Signer::load(&common::fixture("signature/signer-a.pkcs1.key"))
+        let signer = Signer::load(&support::fixture("signature/signer-a.pkcs1.key"))
             .expect("fixture signer A");
         World {
             srv,
@@ -58,24 +54,13 @@ impl World {
     }
 
     fn mount(&self, extra: &[&str]) -> Mount {
-        Mount::start(
-            &self.cfg,
-            &self.cache(),
-            &self.tmp.path().join("mnt"),
-            extra,
-        )
+        Mount::in_dir(&self.cfg, self.tmp.path(), extra)
     }
 
     /// Stores `data` and publishes it as `name` under `key` with timestamp `ts`.
     fn publish(&self, key: &str, name: &str, data: &[u8], ts: f64) -> Sha512 {
-        let sha = self.srv.add_blob(data);
-        let mut meta = Map::new();
-        meta.insert("file".into(), Value::String(name.into()));
-        meta.insert("timestamp".into(), Value::from(ts));
-        let inner = build_inner(&sha, &meta);
-        let signature = self.signer.sign(&inner);
-        self.srv.add_entry(key, RawEntry { inner, signature });
-        sha
+        let meta = support::meta(serde_json::json!({"file": name, "timestamp": ts}));
+        self.srv.publish(&self.signer, key, data, &meta)
     }
 
     /// The SHA-512s the server's entries under `key` name for file `name`.
@@ -127,7 +112,7 @@ impl World {
 fn python(script: &str, args: &[&str]) -> String {
     let mut c = Command::new("python3");
     c.arg("-c").arg(script).args(args);
-    let out = common::run_with_timeout(c, CMD_TIMEOUT);
+    let out = support::run_with_timeout(c, CMD_TIMEOUT);
     assert!(out.success(), "python failed:\n{}", out.describe());
     out.stdout_text()
 }
@@ -365,7 +350,7 @@ fn an_item_open_for_writing_is_locked_by_the_mount() {
         "the writer lock is not held while the file is open"
     );
     drop(child.stdin.take());
-    let status = write_util::wait_within(&mut child, Duration::from_secs(30));
+    let status = support::wait_within(&mut child, Duration::from_secs(30));
     assert!(status.is_some_and(|s| s.success()));
     assert_log_ok(
         wait_until(Duration::from_secs(10), || {
@@ -507,7 +492,7 @@ fn new_opens_read_the_blob_the_cache_has_now() {
             &m,
         );
         drop(holder.stdin.take());
-        let _ = write_util::wait_within(&mut holder, Duration::from_secs(10));
+        let _ = support::wait_within(&mut holder, Duration::from_secs(10));
 
         // Rotted, read (into the page cache), removed by fsck, fetched again.
         assert!(read(&m.path("k/small.bin")) == small);
@@ -516,8 +501,8 @@ fn new_opens_read_the_blob_the_cache_has_now() {
         std::fs::write(w.blob_file(&sha_small), &rotted).expect("rotting the cache file");
         let mut holder = hold_open(&m.path("k/small.bin"));
         let _ = read(&m.path("k/small.bin"));
-        let fsck = common::run_with_timeout(
-            common::shacachefs([
+        let fsck = support::run_with_timeout(
+            support::shacachefs([
                 "fsck".as_ref(),
                 "--cache-dir".as_ref(),
                 w.cache().as_os_str(),
@@ -536,7 +521,7 @@ fn new_opens_read_the_blob_the_cache_has_now() {
             &m,
         );
         drop(holder.stdin.take());
-        let _ = write_util::wait_within(&mut holder, Duration::from_secs(10));
+        let _ = support::wait_within(&mut holder, Duration::from_secs(10));
         w.assert_cache_consistent();
         drop(m);
     }
@@ -615,7 +600,7 @@ print(int(os.fstat(f.fileno()).st_mtime), flush=True)
         "a descriptor on the old version reports another version's time"
     );
     drop(holder.stdin.take());
-    let _ = write_util::wait_within(&mut holder, Duration::from_secs(10));
+    let _ = support::wait_within(&mut holder, Duration::from_secs(10));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -724,7 +709,7 @@ fn stress_concurrent_writers_children_and_slow_publishes() {
         .collect();
     let mut outputs = Vec::new();
     for child in writers {
-        let out = write_util::bounded("a stress writer", move || child.wait_with_output());
+        let out = support::bounded("a stress writer", move || child.wait_with_output());
         let out = out.expect("writer output");
         assert!(out.status.success(), "a writer failed: {out:?}");
         let v: Value = serde_json::from_slice(&out.stdout).expect("writer JSON");
@@ -749,7 +734,7 @@ fn stress_concurrent_writers_children_and_slow_publishes() {
     }
     let mut pending: std::collections::HashMap<String, std::collections::BTreeSet<(u64, u64)>> =
         Default::default();
-    for item in write_util::outbox_items(&w.cache()) {
+    for item in support::outbox_items(&w.cache()) {
         let id = item["id"].as_str().unwrap_or_default().to_string();
         let name = item["name"].as_str().unwrap_or_default().to_string();
         let data =
@@ -882,8 +867,5 @@ fn unmount_waits_for_publishes_in_flight() {
         "the release's publish did not finish before the daemon exited\n{}",
         m.log_text()
     );
-    assert!(
-        write_util::outbox_items(&w.cache()).is_empty(),
-        "left pending"
-    );
+    assert!(support::outbox_items(&w.cache()).is_empty(), "left pending");
 }

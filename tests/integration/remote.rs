@@ -2,203 +2,15 @@
 //! server written here over raw TCP, so a test can answer anything: wrong statuses,
 //! redirects, bodies cut after N bytes, stalls, ignored ranges.
 
+use crate::support::faulty::{reply, FaultyServer, Reply, Request};
+use crate::support::pseudo_random_bytes;
 use base64::Engine;
 use shacachefs::digest::Sha512;
 use shacachefs::remote::{DirListing, Limits, Probe, Remote, RemoteConfig, RemoteError};
 use shacachefs::wire::RawEntry;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-
-// ---------------------------------------------------------------------------------------
-// The fault-injecting server.
-
-/// A request as the server saw it.
-#[derive(Debug, Clone)]
-struct Req {
-    method: String,
-    /// The request target as sent (a path, or an absolute URL through a proxy).
-    target: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Req {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// What the server answers, and how it misbehaves.
-#[derive(Debug, Clone, Default)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    /// `Content-Length` to announce instead of the body's length.
-    length: Option<u64>,
-    /// No `Content-Length`: the body ends when the connection closes.
-    close_delimited: bool,
-    /// Close the connection after this many body bytes.
-    cut_after: Option<usize>,
-    /// Send this many body bytes, then hang for this long.
-    stall_after: Option<(usize, Duration)>,
-    /// Do not read the request body: hang for this long, then close.
-    ignore_body_for: Option<Duration>,
-    /// Wait this long (after reading the body) before answering.
-    delay: Option<Duration>,
-}
-
-fn reply(status: u16) -> Reply {
-    Reply {
-        status,
-        ..Reply::default()
-    }
-}
-
-impl Reply {
-    fn header(mut self, k: &str, v: impl ToString) -> Self {
-        self.headers.push((k.to_string(), v.to_string()));
-        self
-    }
-    fn body(mut self, b: impl Into<Vec<u8>>) -> Self {
-        self.body = b.into();
-        self
-    }
-}
-
-type Handler = dyn Fn(&Req, usize) -> Reply + Send + Sync;
-
-struct Server {
-    base: String,
-    log: Arc<Mutex<Vec<Req>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Server {
-    /// Starts on 127.0.0.1:0; `handler` gets each request's head and its number (0, 1, …
-    /// over all connections).
-    async fn start(handler: impl Fn(&Req, usize) -> Reply + Send + Sync + 'static) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let handler: Arc<Handler> = Arc::new(handler);
-        let task_log = Arc::clone(&log);
-        let task = tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                tokio::spawn(serve(sock, Arc::clone(&handler), Arc::clone(&task_log)));
-            }
-        });
-        Server { base, log, task }
-    }
-
-    fn requests(&self) -> Vec<Req> {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-async fn serve(sock: TcpStream, handler: Arc<Handler>, log: Arc<Mutex<Vec<Req>>>) {
-    let (r, mut w) = sock.into_split();
-    let mut r = BufReader::new(r);
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-            return;
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_string();
-        let target = parts.next().unwrap_or_default().to_string();
-        let mut headers = Vec::new();
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h).await.unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.push((k.trim().to_string(), v.trim().to_string()));
-            }
-        }
-        let req = Req {
-            method,
-            target,
-            headers,
-            body: Vec::new(),
-        };
-        let index = {
-            let mut l = log.lock().unwrap();
-            l.push(req.clone());
-            l.len() - 1
-        };
-        let rep = handler(&req, index);
-        if let Some(d) = rep.ignore_body_for {
-            tokio::time::sleep(d).await;
-            return;
-        }
-        let len: usize = req
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
-        if r.read_exact(&mut body).await.is_err() {
-            return;
-        }
-        log.lock().unwrap()[index].body = body;
-        if let Some(d) = rep.delay {
-            tokio::time::sleep(d).await;
-        }
-
-        let mut head = format!("HTTP/1.1 {} X\r\n", rep.status);
-        for (k, v) in &rep.headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if rep.close_delimited {
-            head.push_str("Connection: close\r\n");
-        } else {
-            let n = rep.length.unwrap_or(rep.body.len() as u64);
-            head.push_str(&format!("Content-Length: {n}\r\n"));
-        }
-        head.push_str("\r\n");
-        if w.write_all(head.as_bytes()).await.is_err() {
-            return;
-        }
-        if req.method == "HEAD" {
-            continue;
-        }
-        if let Some(n) = rep.cut_after {
-            let _ = w.write_all(&rep.body[..n]).await;
-            let _ = w.shutdown().await;
-            return;
-        }
-        if let Some((n, d)) = rep.stall_after {
-            let _ = w.write_all(&rep.body[..n]).await;
-            let _ = w.flush().await;
-            tokio::time::sleep(d).await;
-            return;
-        }
-        if w.write_all(&rep.body).await.is_err() {
-            return;
-        }
-        if rep.close_delimited {
-            let _ = w.shutdown().await;
-            return;
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Helpers.
@@ -231,19 +43,6 @@ fn remote(base: &str, limits: Limits) -> Remote {
     Remote::new_with_env(config(base, limits), |_| None).unwrap()
 }
 
-/// Deterministic pseudo-random bytes (xorshift).
-fn blob(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn no_progress(_: u64, _: Option<u64>) {}
 
 fn entry(sha: &Sha512) -> RawEntry {
@@ -262,12 +61,12 @@ fn files_in(dir: &std::path::Path) -> usize {
 
 #[tokio::test]
 async fn dir_404_is_missing_and_empty_array_is_found() {
-    let srv = Server::start(|req, _| match req.target.as_str() {
+    let srv = FaultyServer::scripted(|req, _| match req.target.as_str() {
         "/shadir/empty" => reply(200).body("[]"),
         _ => reply(404).body("no such key"),
     })
     .await;
-    let r = remote(&srv.base, limits());
+    let r = remote(&srv.base(), limits());
     assert!(matches!(
         r.get_dir("missing").await.unwrap(),
         DirListing::Missing
@@ -276,15 +75,15 @@ async fn dir_404_is_missing_and_empty_array_is_found() {
         DirListing::Found(l) => assert!(l.entries.is_empty() && l.rejected.is_empty()),
         other => panic!("{other:?}"),
     }
-    assert_eq!(srv.requests().len(), 2, "a 404 is not retried");
+    assert_eq!(srv.scripted_requests().len(), 2, "a 404 is not retried");
 }
 
 #[tokio::test]
 async fn dir_listing_is_parsed() {
     let sha = Sha512::of(b"x");
     let body = format!("[{}]", entry(&sha).to_put_body());
-    let srv = Server::start(move |_, _| reply(200).body(body.clone())).await;
-    match remote(&srv.base, limits()).get_dir("k").await.unwrap() {
+    let srv = FaultyServer::scripted(move |_, _| reply(200).body(body.clone())).await;
+    match remote(&srv.base(), limits()).get_dir("k").await.unwrap() {
         DirListing::Found(l) => assert_eq!(l.entries, vec![entry(&sha)]),
         other => panic!("{other:?}"),
     }
@@ -292,18 +91,22 @@ async fn dir_listing_is_parsed() {
 
 #[tokio::test]
 async fn dir_key_is_percent_encoded() {
-    let srv = Server::start(|_, _| reply(200).body("[]")).await;
-    let r = remote(&srv.base, limits());
+    let srv = FaultyServer::scripted(|_, _| reply(200).body("[]")).await;
+    let r = remote(&srv.base(), limits());
     r.get_dir("a b").await.unwrap();
     r.get_dir("pypi:pytz=2016.10").await.unwrap();
-    let targets: Vec<String> = srv.requests().into_iter().map(|q| q.target).collect();
+    let targets: Vec<String> = srv
+        .scripted_requests()
+        .into_iter()
+        .map(|q| q.target)
+        .collect();
     assert_eq!(targets, ["/shadir/a%20b", "/shadir/pypi:pytz=2016.10"]);
 }
 
 #[tokio::test]
 async fn dir_body_over_the_limit_is_too_large() {
     let big = format!("[{}]", vec!["[\"a\", \"b\"]"; 100].join(", "));
-    let srv = Server::start(move |req, _| {
+    let srv = FaultyServer::scripted(move |req, _| {
         let r = reply(200).body(big.clone());
         if req.target.ends_with("streamed") {
             // No Content-Length: only counting while reading can catch it.
@@ -317,7 +120,7 @@ async fn dir_body_over_the_limit_is_too_large() {
     })
     .await;
     let r = remote(
-        &srv.base,
+        &srv.base(),
         Limits {
             max_dir_body: 100,
             ..limits()
@@ -330,17 +133,17 @@ async fn dir_body_over_the_limit_is_too_large() {
             "{key}: {err}"
         );
     }
-    assert_eq!(srv.requests().len(), 2, "TooLarge is not retried");
+    assert_eq!(srv.scripted_requests().len(), 2, "TooLarge is not retried");
 }
 
 #[tokio::test]
 async fn dir_body_that_is_not_a_json_array_is_an_error() {
-    let srv = Server::start(|req, _| match req.target.as_str() {
+    let srv = FaultyServer::scripted(|req, _| match req.target.as_str() {
         "/shadir/html" => reply(200).body("<html>login</html>"),
         _ => reply(200).body("{}"),
     })
     .await;
-    let r = remote(&srv.base, limits());
+    let r = remote(&srv.base(), limits());
     for key in ["html", "object"] {
         let err = r.get_dir(key).await.unwrap_err();
         assert!(matches!(err, RemoteError::Protocol { .. }), "{key}: {err}");
@@ -350,15 +153,15 @@ async fn dir_body_that_is_not_a_json_array_is_an_error() {
 #[tokio::test]
 async fn put_dir_sends_the_entry_and_needs_201() {
     let sha = Sha512::of(b"y");
-    let srv = Server::start(|req, _| match req.target.as_str() {
+    let srv = FaultyServer::scripted(|req, _| match req.target.as_str() {
         "/shadir/created" => reply(201).body("some hash"),
         "/shadir/ok" => reply(200),
         _ => reply(400).body("signature is not base64"),
     })
     .await;
-    let r = remote(&srv.base, limits());
+    let r = remote(&srv.base(), limits());
     r.put_dir("created", &entry(&sha)).await.unwrap();
-    let seen = &srv.requests()[0];
+    let seen = &srv.scripted_requests()[0];
     assert_eq!(seen.method, "PUT");
     assert_eq!(seen.header("content-type"), Some("application/json"));
     assert_eq!(seen.body, entry(&sha).to_put_body().into_bytes());
@@ -371,7 +174,7 @@ async fn put_dir_sends_the_entry_and_needs_201() {
         "{err}"
     );
     assert!(err.to_string().contains("signature is not base64"), "{err}");
-    assert_eq!(srv.requests().len(), 3, "nothing retried");
+    assert_eq!(srv.scripted_requests().len(), 3, "nothing retried");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -380,8 +183,9 @@ async fn put_dir_sends_the_entry_and_needs_201() {
 #[tokio::test]
 async fn redirect_on_post_and_put_is_refused_without_retry() {
     let srv =
-        Server::start(|_, _| reply(302).header("Location", "http://login.example/form")).await;
-    let r = remote(&srv.base, limits());
+        FaultyServer::scripted(|_, _| reply(302).header("Location", "http://login.example/form"))
+            .await;
+    let r = remote(&srv.base(), limits());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("blob");
     std::fs::write(&file, b"data").unwrap();
@@ -398,7 +202,11 @@ async fn redirect_on_post_and_put_is_refused_without_retry() {
         matches!(err, RemoteError::Refused { status: 302, .. }),
         "{err}"
     );
-    let methods: Vec<String> = srv.requests().into_iter().map(|q| q.method).collect();
+    let methods: Vec<String> = srv
+        .scripted_requests()
+        .into_iter()
+        .map(|q| q.method)
+        .collect();
     assert_eq!(
         methods,
         ["POST", "PUT"],
@@ -408,18 +216,21 @@ async fn redirect_on_post_and_put_is_refused_without_retry() {
 
 #[tokio::test]
 async fn unauthorized_is_refused() {
-    let srv = Server::start(|_, _| reply(403).body("forbidden")).await;
-    let err = remote(&srv.base, limits()).get_dir("k").await.unwrap_err();
+    let srv = FaultyServer::scripted(|_, _| reply(403).body("forbidden")).await;
+    let err = remote(&srv.base(), limits())
+        .get_dir("k")
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, RemoteError::Refused { status: 403, .. }),
         "{err}"
     );
-    assert_eq!(srv.requests().len(), 1);
+    assert_eq!(srv.scripted_requests().len(), 1);
 }
 
 #[tokio::test]
 async fn server_errors_are_retried_until_success() {
-    let srv = Server::start(|_, n| {
+    let srv = FaultyServer::scripted(|_, n| {
         if n < 2 {
             reply(500).body("oops")
         } else {
@@ -427,16 +238,16 @@ async fn server_errors_are_retried_until_success() {
         }
     })
     .await;
-    let got = remote(&srv.base, limits()).get_dir("k").await.unwrap();
+    let got = remote(&srv.base(), limits()).get_dir("k").await.unwrap();
     assert!(matches!(got, DirListing::Found(_)));
-    assert_eq!(srv.requests().len(), 3);
+    assert_eq!(srv.scripted_requests().len(), 3);
 }
 
 #[tokio::test]
 async fn server_errors_forever_fail_after_exactly_the_allowed_attempts() {
-    let srv = Server::start(|_, _| reply(503)).await;
+    let srv = FaultyServer::scripted(|_, _| reply(503)).await;
     let r = remote(
-        &srv.base,
+        &srv.base(),
         Limits {
             attempts: 4,
             ..limits()
@@ -447,7 +258,7 @@ async fn server_errors_forever_fail_after_exactly_the_allowed_attempts() {
         matches!(err, RemoteError::Status { status: 503, .. }),
         "{err}"
     );
-    assert_eq!(srv.requests().len(), 4);
+    assert_eq!(srv.scripted_requests().len(), 4);
 
     // The same for an upload: the body is streamed again each time.
     let dir = tempfile::tempdir().unwrap();
@@ -458,7 +269,7 @@ async fn server_errors_forever_fail_after_exactly_the_allowed_attempts() {
         .await
         .unwrap_err();
     assert!(matches!(err, RemoteError::Status { .. }), "{err}");
-    let reqs = srv.requests();
+    let reqs = srv.scripted_requests();
     assert_eq!(reqs.len(), 8);
     assert!(reqs[4..].iter().all(|q| q.body == b"payload"));
 }
@@ -480,9 +291,9 @@ async fn connection_refused_is_a_network_error_after_retries() {
 
 #[tokio::test]
 async fn post_streams_the_file_and_checks_the_echoed_hash() {
-    let data = blob(1 << 20, 7);
+    let data = pseudo_random_bytes(1 << 20, 7);
     let sha = Sha512::of(&data);
-    let srv = Server::start(move |req, _| {
+    let srv = FaultyServer::scripted(move |req, _| {
         if req.target == "/shacache" {
             reply(201).body(format!("{}\n", sha.hex()))
         } else {
@@ -498,12 +309,12 @@ async fn post_streams_the_file_and_checks_the_echoed_hash() {
         assert_eq!(total, Some(1 << 20));
         done.store(n, Ordering::Relaxed);
     };
-    remote(&srv.base, limits())
+    remote(&srv.base(), limits())
         .post_blob(&file, &sha, &progress)
         .await
         .unwrap();
     assert_eq!(done.load(Ordering::Relaxed), 1 << 20);
-    let seen = &srv.requests()[0];
+    let seen = &srv.scripted_requests()[0];
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.target, "/shacache");
     assert_eq!(
@@ -515,24 +326,24 @@ async fn post_streams_the_file_and_checks_the_echoed_hash() {
     assert!(seen.body == data);
 
     // Another hash in the 201: an error, not retried.
-    let mut cfg = config(&srv.base, limits());
-    cfg.upload_cache_url = Some(format!("{}/other", srv.base));
+    let mut cfg = config(&srv.base(), limits());
+    cfg.upload_cache_url = Some(format!("{}/other", srv.base()));
     let r = Remote::new_with_env(cfg, |_| None).unwrap();
     let err = r.post_blob(&file, &sha, &no_progress).await.unwrap_err();
     assert!(matches!(err, RemoteError::Protocol { .. }), "{err}");
     assert!(err.to_string().contains("different hash"), "{err}");
-    assert_eq!(srv.requests().len(), 2);
+    assert_eq!(srv.scripted_requests().len(), 2);
 }
 
 #[tokio::test]
 async fn post_answer_that_never_comes_times_out() {
-    let srv = Server::start(|_, _| Reply {
+    let srv = FaultyServer::scripted(|_, _| Reply {
         delay: Some(Duration::from_secs(30)),
         ..reply(201)
     })
     .await;
     let r = remote(
-        &srv.base,
+        &srv.base(),
         Limits {
             upload_answer_timeout: Duration::from_millis(300),
             attempts: 1,
@@ -553,13 +364,13 @@ async fn post_answer_that_never_comes_times_out() {
 
 #[tokio::test]
 async fn post_to_a_server_that_stops_reading_times_out() {
-    let srv = Server::start(|_, _| Reply {
+    let srv = FaultyServer::scripted(|_, _| Reply {
         ignore_body_for: Some(Duration::from_secs(30)),
         ..reply(201)
     })
     .await;
     let r = remote(
-        &srv.base,
+        &srv.base(),
         Limits {
             low_speed_timeout: Duration::from_millis(300),
             attempts: 1,
@@ -589,16 +400,16 @@ async fn post_to_a_server_that_stops_reading_times_out() {
 
 #[tokio::test]
 async fn probe_without_head_nor_range_reads_and_verifies_the_whole_blob() {
-    let data = blob(3 << 20, 11);
+    let data = pseudo_random_bytes(3 << 20, 11);
     let sha = Sha512::of(&data);
     let body = data.clone();
-    let srv = Server::start(move |req, _| match req.method.as_str() {
+    let srv = FaultyServer::scripted(move |req, _| match req.method.as_str() {
         "HEAD" => reply(501).body("not implemented"),
         _ => reply(200).body(body.clone()),
     })
     .await;
     let tmp = tempfile::tempdir().unwrap();
-    let got = remote(&srv.base, limits())
+    let got = remote(&srv.base(), limits())
         .probe_blob(&sha, tmp.path())
         .await
         .unwrap();
@@ -607,7 +418,7 @@ async fn probe_without_head_nor_range_reads_and_verifies_the_whole_blob() {
     };
     assert_eq!(v.sha(), sha);
     assert_eq!(std::fs::read(v.path()).unwrap(), data);
-    let reqs = srv.requests();
+    let reqs = srv.scripted_requests();
     assert_eq!(reqs.len(), 2);
     assert_eq!(reqs[0].method, "HEAD");
     assert_eq!(reqs[1].header("range"), Some("bytes=0-0"));
@@ -615,15 +426,15 @@ async fn probe_without_head_nor_range_reads_and_verifies_the_whole_blob() {
 
 #[tokio::test]
 async fn probe_that_gets_a_corrupt_whole_blob_says_corrupt() {
-    let data = blob(100_000, 5);
+    let data = pseudo_random_bytes(100_000, 5);
     let sha = Sha512::of(b"not this");
-    let srv = Server::start(move |req, _| match req.method.as_str() {
+    let srv = FaultyServer::scripted(move |req, _| match req.method.as_str() {
         "HEAD" => reply(405),
         _ => reply(200).body(data.clone()),
     })
     .await;
     let tmp = tempfile::tempdir().unwrap();
-    let err = remote(&srv.base, limits())
+    let err = remote(&srv.base(), limits())
         .probe_blob(&sha, tmp.path())
         .await
         .unwrap_err();
@@ -634,7 +445,7 @@ async fn probe_that_gets_a_corrupt_whole_blob_says_corrupt() {
 #[tokio::test]
 async fn probe_uses_head_then_ranges() {
     let total = 123_456u64;
-    let srv = Server::start(move |req, _| {
+    let srv = FaultyServer::scripted(move |req, _| {
         let t = req.target.as_str();
         let sha_of = |s: &str| Sha512::of(s.as_bytes()).hex();
         if req.method == "HEAD" {
@@ -662,7 +473,7 @@ async fn probe_uses_head_then_ranges() {
         }
     })
     .await;
-    let r = remote(&srv.base, limits());
+    let r = remote(&srv.base(), limits());
     let tmp = tempfile::tempdir().unwrap();
     let probe = |name: &'static str| {
         let r = r.clone();
@@ -694,9 +505,9 @@ async fn probe_uses_head_then_ranges() {
 async fn dropping_server(
     data: Arc<Vec<u8>>,
     cut: usize,
-    resume: impl Fn(&Req, &[u8]) -> Reply + Send + Sync + 'static,
-) -> Server {
-    Server::start(move |req, n| {
+    resume: impl Fn(&Request, &[u8]) -> Reply + Send + Sync + 'static,
+) -> FaultyServer {
+    FaultyServer::scripted(move |req, n| {
         if n == 0 {
             Reply {
                 cut_after: Some(cut),
@@ -711,7 +522,7 @@ async fn dropping_server(
 
 #[tokio::test]
 async fn fetch_resumes_with_a_range_after_a_dropped_connection() {
-    let data = Arc::new(blob(2 << 20, 13));
+    let data = Arc::new(pseudo_random_bytes(2 << 20, 13));
     let sha = Sha512::of(&data);
     let cut = 700_001;
     let srv = dropping_server(Arc::clone(&data), cut, |req, data| {
@@ -732,13 +543,13 @@ async fn fetch_resumes_with_a_range_after_a_dropped_connection() {
     let tmp = tempfile::tempdir().unwrap();
     let last = AtomicU64::new(0);
     let progress = |n: u64, _: Option<u64>| last.store(n, Ordering::Relaxed);
-    let v = remote(&srv.base, limits())
+    let v = remote(&srv.base(), limits())
         .fetch_blob(&sha, tmp.path(), &progress)
         .await
         .unwrap();
     assert_eq!(std::fs::read(v.path()).unwrap(), *data);
     assert_eq!(last.load(Ordering::Relaxed), data.len() as u64);
-    let reqs = srv.requests();
+    let reqs = srv.scripted_requests();
     assert_eq!(reqs.len(), 2);
     assert_eq!(reqs[0].header("range"), None);
     assert_eq!(
@@ -754,21 +565,21 @@ async fn fetch_resumes_with_a_range_after_a_dropped_connection() {
 
 #[tokio::test]
 async fn fetch_restarts_when_the_resume_is_answered_200() {
-    let data = Arc::new(blob(1 << 20, 17));
+    let data = Arc::new(pseudo_random_bytes(1 << 20, 17));
     let sha = Sha512::of(&data);
     let srv = dropping_server(Arc::clone(&data), 300_000, |_, data| {
         reply(200).body(data.to_vec())
     })
     .await;
     let tmp = tempfile::tempdir().unwrap();
-    let v = remote(&srv.base, limits())
+    let v = remote(&srv.base(), limits())
         .fetch_blob(&sha, tmp.path(), &no_progress)
         .await
         .unwrap();
     assert_eq!(v.len(), data.len() as u64);
     assert_eq!(std::fs::read(v.path()).unwrap(), *data);
     assert_eq!(
-        srv.requests()[1].header("range"),
+        srv.scripted_requests()[1].header("range"),
         Some("bytes=300000-"),
         "it asked for the rest"
     );
@@ -776,7 +587,7 @@ async fn fetch_restarts_when_the_resume_is_answered_200() {
 
 #[tokio::test]
 async fn fetch_refuses_a_continuation_from_the_wrong_offset() {
-    let data = Arc::new(blob(100_000, 19));
+    let data = Arc::new(pseudo_random_bytes(100_000, 19));
     let sha = Sha512::of(&data);
     let srv = dropping_server(Arc::clone(&data), 50_000, |_, data| {
         reply(206)
@@ -788,7 +599,7 @@ async fn fetch_refuses_a_continuation_from_the_wrong_offset() {
     })
     .await;
     let tmp = tempfile::tempdir().unwrap();
-    let err = remote(&srv.base, limits())
+    let err = remote(&srv.base(), limits())
         .fetch_blob(&sha, tmp.path(), &no_progress)
         .await
         .unwrap_err();
@@ -798,12 +609,12 @@ async fn fetch_refuses_a_continuation_from_the_wrong_offset() {
 
 #[tokio::test]
 async fn fetch_of_a_corrupt_blob_is_corrupt_and_leaves_nothing() {
-    let mut data = blob(500_000, 23);
+    let mut data = pseudo_random_bytes(500_000, 23);
     let sha = Sha512::of(&data);
     data[1234] ^= 1;
-    let srv = Server::start(move |_, _| reply(200).body(data.clone())).await;
+    let srv = FaultyServer::scripted(move |_, _| reply(200).body(data.clone())).await;
     let tmp = tempfile::tempdir().unwrap();
-    let err = remote(&srv.base, limits())
+    let err = remote(&srv.base(), limits())
         .fetch_blob(&sha, tmp.path(), &no_progress)
         .await
         .unwrap_err();
@@ -817,20 +628,20 @@ async fn fetch_of_a_corrupt_blob_is_corrupt_and_leaves_nothing() {
     assert_ne!(*actual, sha);
     assert_eq!(files_in(tmp.path()), 0);
     // Fetched once more (asking caches on the way for a fresh copy), then corrupt.
-    assert_eq!(srv.requests().len(), 2);
+    assert_eq!(srv.scripted_requests().len(), 2);
 }
 
 #[tokio::test]
 async fn fetch_of_a_stalled_body_times_out_quickly() {
-    let data = blob(1 << 20, 29);
+    let data = pseudo_random_bytes(1 << 20, 29);
     let sha = Sha512::of(&data);
-    let srv = Server::start(move |_, _| Reply {
+    let srv = FaultyServer::scripted(move |_, _| Reply {
         stall_after: Some((10_000, Duration::from_secs(60))),
         ..reply(200).body(data.clone())
     })
     .await;
     let r = remote(
-        &srv.base,
+        &srv.base(),
         Limits {
             low_speed_timeout: Duration::from_millis(300),
             attempts: 1,
@@ -849,20 +660,20 @@ async fn fetch_of_a_stalled_body_times_out_quickly() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(srv.requests().len(), 1, "attempts = 1: no retry");
+    assert_eq!(srv.scripted_requests().len(), 1, "attempts = 1: no retry");
     assert_eq!(files_in(tmp.path()), 0);
 }
 
 #[tokio::test]
 async fn fetch_of_an_absent_blob_is_not_found() {
-    let srv = Server::start(|_, _| reply(404)).await;
+    let srv = FaultyServer::scripted(|_, _| reply(404)).await;
     let tmp = tempfile::tempdir().unwrap();
-    let err = remote(&srv.base, limits())
+    let err = remote(&srv.base(), limits())
         .fetch_blob(&Sha512::of(b"?"), tmp.path(), &no_progress)
         .await
         .unwrap_err();
     assert!(matches!(err, RemoteError::NotFound { .. }), "{err}");
-    assert_eq!(srv.requests().len(), 1);
+    assert_eq!(srv.scripted_requests().len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -870,8 +681,8 @@ async fn fetch_of_an_absent_blob_is_not_found() {
 
 #[tokio::test]
 async fn credentials_in_the_url_become_basic_auth_and_are_never_shown() {
-    let srv = Server::start(|_, _| reply(500).body("broken")).await;
-    let base = srv.base.replace("http://", "http://u:p%40ss@");
+    let srv = FaultyServer::scripted(|_, _| reply(500).body("broken")).await;
+    let base = srv.base().replace("http://", "http://u:p%40ss@");
     let r = Remote::new_with_env(
         RemoteConfig {
             download_dir_url: Some(format!("{base}/x")),
@@ -891,14 +702,14 @@ async fn credentials_in_the_url_become_basic_auth_and_are_never_shown() {
         "{shown}"
     );
     assert!(
-        err.to_string().contains(&format!("{}/x/k", srv.base)),
+        err.to_string().contains(&format!("{}/x/k", srv.base())),
         "{err}"
     );
     let expected = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode("u:p@ss")
     );
-    let reqs = srv.requests();
+    let reqs = srv.scripted_requests();
     assert_eq!(reqs[0].header("authorization"), Some(expected.as_str()));
     assert_eq!(reqs[0].target, "/x/k");
 }
@@ -954,21 +765,25 @@ async fn unset_urls_are_reported_by_option_name() {
 
 #[tokio::test]
 async fn http_proxy_is_used_except_for_loopback() {
-    let proxy = Server::start(|_, _| reply(200).body("[]")).await;
-    let direct = Server::start(|_, _| reply(200).body("[]")).await;
-    let proxy_url = proxy.base.clone();
+    let proxy = FaultyServer::scripted(|_, _| reply(200).body("[]")).await;
+    let direct = FaultyServer::scripted(|_, _| reply(200).body("[]")).await;
+    let proxy_url = proxy.base().clone();
     let env = move |name: &str| (name == "http_proxy").then(|| proxy_url.clone());
 
     let far = Remote::new_with_env(config("http://shadir.invalid", limits()), env.clone()).unwrap();
     far.get_dir("k").await.unwrap();
-    let seen = proxy.requests();
+    let seen = proxy.scripted_requests();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].target, "http://shadir.invalid/shadir/k");
 
-    let near = Remote::new_with_env(config(&direct.base, limits()), env).unwrap();
+    let near = Remote::new_with_env(config(&direct.base(), limits()), env).unwrap();
     near.get_dir("k").await.unwrap();
-    assert_eq!(direct.requests().len(), 1);
-    assert_eq!(proxy.requests().len(), 1, "loopback bypasses the proxy");
+    assert_eq!(direct.scripted_requests().len(), 1);
+    assert_eq!(
+        proxy.scripted_requests().len(),
+        1,
+        "loopback bypasses the proxy"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -976,6 +791,7 @@ async fn http_proxy_is_used_except_for_loopback() {
 
 mod embedded {
     use super::*;
+    use crate::support::pki::Pki;
     use shacachefs::config::TlsFiles;
     use shacachefs::server::{self, ServerOptions, TlsOptions};
     use std::path::Path;
@@ -1013,7 +829,7 @@ mod embedded {
         let s = start(store.path(), None).await;
         let r = Remote::new_with_env(config_for(&s, Some("u:p%40ss")), |_| None).unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let data = blob(10 << 20, 31);
+        let data = pseudo_random_bytes(10 << 20, 31);
         let sha = Sha512::of(&data);
         let file = tmp.path().join("upload");
         std::fs::write(&file, &data).unwrap();
@@ -1065,7 +881,7 @@ mod embedded {
         let s = start(store.path(), None).await;
         let r = Remote::new_with_env(config_for(&s, Some("u:p%40ss")), |_| None).unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let data = blob(256 << 20, 37);
+        let data = pseudo_random_bytes(256 << 20, 37);
         let sha = Sha512::of(&data);
         let file = tmp.path().join("upload");
         std::fs::write(&file, &data).unwrap();
@@ -1086,96 +902,12 @@ mod embedded {
         s.shutdown().await;
     }
 
-    fn openssl(dir: &Path, args: &[&str]) {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A CA, a server certificate for 127.0.0.1 and a client certificate (EC keys, fast).
-    fn make_pki(dir: &Path) {
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        ca.extend([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=remote test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        openssl(dir, &ca);
-        std::fs::write(
-            dir.join("server.ext"),
-            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n\
-             extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n",
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("client.ext"),
-            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n",
-        )
-        .unwrap();
-        for name in ["server", "client"] {
-            let (key, csr, pem, ext) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-                format!("{name}.ext"),
-            );
-            let subj = format!("/CN={name}");
-            let mut req = vec!["req"];
-            req.extend(ec);
-            req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-            openssl(dir, &req);
-            openssl(
-                dir,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    &pem,
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &ext,
-                ],
-            );
-        }
-    }
-
     #[tokio::test]
     async fn https_with_a_ca_file_and_a_client_certificate() {
-        let pki = tempfile::tempdir().unwrap();
-        make_pki(pki.path());
-        let p = |n: &str| pki.path().join(n);
+        // A CA, a server certificate for 127.0.0.1 and a client certificate.
+        let pki = Pki::new("remote test CA");
+        pki.server("server").client("client", "client");
+        let p = |n: &str| pki.path(n);
         let store = tempfile::tempdir().unwrap();
         let s = start(
             store.path(),

@@ -1,16 +1,13 @@
-//! Helpers of the read-only mount tests (`tests/core.rs`, `tests/mount.rs`), declared
-//! there with `#[path = "common/mount_util.rs"] mod mount_util;`: a publishing client
-//! signed by a fixture signer, publishing a blob with its entry, and a reading
-//! configuration with the trusted certificates of the test.
-//!
-//! Not every test file uses every helper, hence the module-wide `dead_code` allowance.
-#![allow(dead_code)]
+//! Publishing as the fixture signers do: a client signing with a fixture signer,
+//! publishing a blob with its entry, and a reading configuration trusting the
+//! certificates of the test.
 
 use serde_json::{Map, Value};
 use shacachefs::client::Client;
 use shacachefs::config::Config;
 use shacachefs::digest::Sha512;
 use shacachefs::remote::Limits;
+use shacachefs::signature::Signer;
 use shacachefs::wire::RawEntry;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,6 +27,11 @@ pub fn signature_fixture(name: &str) -> PathBuf {
 /// Signer A's certificate (PEM text).
 pub fn cert_a() -> String {
     std::fs::read_to_string(signature_fixture("signer-a.crt")).expect("signer-a.crt")
+}
+
+/// Signer A (the private key of `cert_a`).
+pub fn signer_a() -> Signer {
+    Signer::load(&signature_fixture("signer-a.pkcs1.key")).expect("fixture signer A")
 }
 
 /// Signer B's certificate (PEM text).
@@ -183,44 +185,4 @@ pub fn corrupt_file(path: &Path) {
         *b ^= 0x5a;
     }
     std::fs::write(path, &data).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-}
-
-/// Every file under `dir` (recursively) whose name is `name`.
-pub fn find_named(dir: &Path, name: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p);
-            } else if e.file_name().to_str() == Some(name) {
-                found.push(p);
-            }
-        }
-    }
-    found
-}
-
-/// Every regular file under `dir` at least `min_len` bytes long.
-pub fn files_at_least(dir: &Path, min_len: u64) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(p),
-                Ok(m) if m.is_file() && m.len() >= min_len => found.push(p),
-                _ => {}
-            }
-        }
-    }
-    found
 }

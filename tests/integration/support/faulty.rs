@@ -1,6 +1,5 @@
 //! A fault-injecting shacache + shadir server for tests, written over raw TCP so that it
-//! can misbehave in ways a real HTTP server never would. Include it with
-//! `#[path = "common/faulty.rs"] mod faulty;`.
+//! can misbehave in ways a real HTTP server never would.
 //!
 //! What it owns:
 //! - an in-memory store: blobs by SHA-512 and shadir lists by key, served with the
@@ -16,12 +15,15 @@
 //!
 //! Only `127.0.0.1:0` is ever bound. Every connection task ends when the server stops,
 //! and every deliberate wait (stall, trickle, hold) is bounded by the duration given.
-#![allow(dead_code)]
 
+use serde_json::{Map, Value};
 use shacachefs::digest::Sha512;
-use shacachefs::wire::{parse_put_body, RawEntry};
+use shacachefs::server::store::key_of_path;
+use shacachefs::signature::Signer;
+use shacachefs::wire::{build_inner, parse_put_body, RawEntry};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -85,6 +87,86 @@ pub enum Fault {
     /// shadir GET: a generated body of `len` bytes, streamed (never held in memory);
     /// announced with `Content-Length`, or sent chunked.
     HugeDirBody { len: u64, announce: bool },
+    /// The answer is whatever the script returns for the request (its head; the body
+    /// is read after, unless the reply says not to) and its number among the scripted
+    /// requests: a server written per test (see [`FaultyServer::scripted`]).
+    Script(Script),
+}
+
+/// What a script is: the request's head and its number in, the answer out.
+type ScriptFn = dyn Fn(&Request, usize) -> Reply + Send + Sync;
+
+/// The function of a [`Fault::Script`].
+#[derive(Clone)]
+pub struct Script(Arc<ScriptFn>);
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Script")
+    }
+}
+
+/// A request as a script sees it (and [`FaultyServer::scripted_requests`] logs it).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    /// The request target as sent (a path, or an absolute URL through a proxy).
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    /// The request body (empty when the reply said not to read it).
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header_of(&self.headers, name)
+    }
+}
+
+fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// A scripted answer, and how it misbehaves.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// `Content-Length` to announce instead of the body's length.
+    pub length: Option<u64>,
+    /// No `Content-Length`: the body ends when the connection closes.
+    pub close_delimited: bool,
+    /// Close the connection after this many body bytes.
+    pub cut_after: Option<usize>,
+    /// Send this many body bytes, then hang for this long.
+    pub stall_after: Option<(usize, Duration)>,
+    /// Do not read the request body: hang for this long, then close.
+    pub ignore_body_for: Option<Duration>,
+    /// Wait this long (after reading the body) before answering.
+    pub delay: Option<Duration>,
+}
+
+/// A [`Reply`] with this status, no header and an empty body.
+pub fn reply(status: u16) -> Reply {
+    Reply {
+        status,
+        ..Reply::default()
+    }
+}
+
+impl Reply {
+    pub fn header(mut self, k: &str, v: impl ToString) -> Self {
+        self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+    pub fn body(mut self, b: impl Into<Vec<u8>>) -> Self {
+        self.body = b.into();
+        self
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +244,16 @@ impl Rule {
     }
 }
 
+/// The entry of `sha` with the metadata `meta` (e.g. `{"file": NAME}`), signed by
+/// `signer`.
+pub fn signed_entry(signer: &Signer, sha: &Sha512, meta: &Map<String, Value>) -> RawEntry {
+    let inner = build_inner(sha, meta);
+    RawEntry {
+        signature: signer.sign(&inner),
+        inner,
+    }
+}
+
 /// `/shacache/<hex>`.
 pub fn blob_target(sha: &Sha512) -> String {
     format!("/shacache/{}", sha.hex())
@@ -177,7 +269,8 @@ pub struct Logged {
     pub status: u16,
     /// The request body came chunked (no `Content-Length`).
     pub chunked: bool,
-    /// The fault applied, if any.
+    /// The fault applied, if any (shown in failure messages).
+    #[allow(dead_code)]
     pub fault: Option<String>,
     /// `Cache-Control: no-cache` and `Pragma: no-cache` both came with it.
     pub no_cache: bool,
@@ -189,6 +282,8 @@ struct State {
     dirs: Mutex<BTreeMap<String, Vec<RawEntry>>>,
     rules: Mutex<Vec<Rule>>,
     log: Mutex<Vec<Logged>>,
+    /// The requests answered by a script, in order.
+    scripted: Mutex<Vec<Request>>,
     /// Request body bytes read, all requests together.
     received: AtomicU64,
     /// Response body bytes written, all requests together.
@@ -230,8 +325,19 @@ impl FaultyServer {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// Starts with one rule: every request is answered by `script`, which gets the
+    /// request's head and its number (0, 1, … over all connections).
+    pub async fn scripted(
+        script: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static,
+    ) -> FaultyServer {
+        let s = FaultyServer::start().await;
+        s.push_rule(Rule::new(Fault::Script(Script(Arc::new(script)))));
+        s
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// `http://127.0.0.1:PORT/shacache`.
@@ -272,6 +378,55 @@ impl FaultyServer {
     }
 
     // ---- the store ---------------------------------------------------------------
+
+    /// Loads the blobs and listings of an embedded server's store directory `root`, each
+    /// blob under its file's name with the bytes on disk (a corrupted file stays
+    /// corrupted).
+    pub fn load_store(&self, root: &Path) {
+        for path in super::files_under(&root.join("shacache")) {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if let Ok(sha) = Sha512::parse(name) {
+                let data = std::fs::read(&path).expect("reading a stored blob");
+                lock(&self.state.blobs).insert(sha, Arc::new(data));
+            }
+        }
+        for path in super::files_under(&root.join("shadir")) {
+            // `k-<key>` is a key's list (`i-<key>` its index).
+            let is_list = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("k-"));
+            let Some(key) = key_of_path(root, &path).filter(|_| is_list) else {
+                continue;
+            };
+            let text = std::fs::read(&path).expect("reading a stored listing");
+            let list: Vec<(String, String)> = serde_json::from_slice(&text)
+                .expect("a stored listing is [inner, signature] pairs");
+            for (inner, signature) in list {
+                self.add_entry(
+                    &String::from_utf8_lossy(&key),
+                    RawEntry { inner, signature },
+                );
+            }
+        }
+    }
+
+    /// Stores `data` and its entry under `key` with the metadata `meta`, signed by
+    /// `signer`; returns the blob's name.
+    pub fn publish(
+        &self,
+        signer: &Signer,
+        key: &str,
+        data: &[u8],
+        meta: &Map<String, Value>,
+    ) -> Sha512 {
+        let sha = self.add_blob(data);
+        self.add_entry(key, signed_entry(signer, &sha, meta));
+        sha
+    }
 
     /// Stores a blob; returns its name.
     pub fn add_blob(&self, data: &[u8]) -> Sha512 {
@@ -346,19 +501,16 @@ impl FaultyServer {
         lock(&self.state.log).clone()
     }
 
+    /// The requests a script answered, bodies included, in order.
+    pub fn scripted_requests(&self) -> Vec<Request> {
+        lock(&self.state.scripted).clone()
+    }
+
     /// Requests seen with this method and exact path.
     pub fn count(&self, method: &str, path: &str) -> usize {
         lock(&self.state.log)
             .iter()
             .filter(|r| r.method == method && r.path == path)
-            .count()
-    }
-
-    /// Requests seen with this method and a path starting with `prefix`.
-    pub fn count_prefix(&self, method: &str, prefix: &str) -> usize {
-        lock(&self.state.log)
-            .iter()
-            .filter(|r| r.method == method && r.path.starts_with(prefix))
             .count()
     }
 
@@ -373,6 +525,30 @@ impl FaultyServer {
     }
 }
 
+/// A fault server whose entries the fixture signer A signs, and a temporary directory
+/// beside it (caches, configurations).
+pub struct SignedServer {
+    pub tmp: tempfile::TempDir,
+    pub srv: FaultyServer,
+    pub signer: Signer,
+}
+
+impl SignedServer {
+    pub async fn start() -> SignedServer {
+        SignedServer {
+            tmp: super::tempdir(),
+            srv: FaultyServer::start().await,
+            signer: super::signer_a(),
+        }
+    }
+
+    /// Stores `data` and publishes it under `key` as `name`.
+    pub fn publish(&self, key: &str, name: &str, data: &[u8]) -> Sha512 {
+        let meta = super::meta(serde_json::json!({ "file": name }));
+        self.srv.publish(&self.signer, key, data, &meta)
+    }
+}
+
 /// The server on a runtime of its own, for tests that block (real mounts, commands).
 pub struct Background {
     server: FaultyServer,
@@ -382,11 +558,7 @@ pub struct Background {
 
 impl Background {
     pub fn start() -> Background {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("a tokio runtime");
+        let runtime = super::own_runtime();
         let server = runtime.block_on(FaultyServer::start());
         Background { server, runtime }
     }
@@ -427,16 +599,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
 /// A request head.
 struct Head {
     method: String,
+    target: String,
     path: String,
     headers: Vec<(String, String)>,
 }
 
 impl Head {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header_of(&self.headers, name)
     }
     fn is_chunked(&self) -> bool {
         self.header("transfer-encoding")
@@ -501,6 +671,7 @@ async fn read_head(r: &mut BufReader<OwnedReadHalf>) -> Option<Head> {
         .collect();
     Some(Head {
         method,
+        target,
         path,
         headers,
     })
@@ -595,6 +766,12 @@ async fn serve(sock: TcpStream, state: Arc<State>) {
     // Bounded by the client: each round is one request.
     while let Some(head) = read_head(&mut r).await {
         let fault = take_fault(&state, &head.method, &head.path);
+        if let Some(Fault::Script(script)) = &fault {
+            if serve_scripted(&mut r, &mut w, &head, script, &state).await {
+                continue;
+            }
+            return;
+        }
         let len = head.content_length();
         // Faults on the request body.
         match &fault {
@@ -633,6 +810,82 @@ async fn serve(sock: TcpStream, state: Arc<State>) {
             return;
         }
     }
+}
+
+/// Answers one request with its script's [`Reply`]; false when the connection is done.
+async fn serve_scripted(
+    r: &mut BufReader<OwnedReadHalf>,
+    w: &mut OwnedWriteHalf,
+    head: &Head,
+    script: &Script,
+    state: &State,
+) -> bool {
+    let req = Request {
+        method: head.method.clone(),
+        target: head.target.clone(),
+        headers: head.headers.clone(),
+        body: Vec::new(),
+    };
+    let index = {
+        let mut l = lock(&state.scripted);
+        l.push(req.clone());
+        l.len() - 1
+    };
+    let rep = (script.0)(&req, index);
+    log(
+        state,
+        head,
+        rep.status,
+        &Some(Fault::Script(script.clone())),
+    );
+    if let Some(d) = rep.ignore_body_for {
+        tokio::time::sleep(d).await;
+        return false;
+    }
+    let mut body = vec![0u8; head.content_length()];
+    if r.read_exact(&mut body).await.is_err() {
+        return false;
+    }
+    lock(&state.scripted)[index].body = body;
+    if let Some(d) = rep.delay {
+        tokio::time::sleep(d).await;
+    }
+    let mut out = format!("HTTP/1.1 {} X\r\n", rep.status);
+    for (k, v) in &rep.headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if rep.close_delimited {
+        out.push_str("Connection: close\r\n");
+    } else {
+        let n = rep.length.unwrap_or(rep.body.len() as u64);
+        out.push_str(&format!("Content-Length: {n}\r\n"));
+    }
+    out.push_str("\r\n");
+    if w.write_all(out.as_bytes()).await.is_err() {
+        return false;
+    }
+    if head.method == "HEAD" {
+        return true;
+    }
+    if let Some(n) = rep.cut_after {
+        let _ = w.write_all(&rep.body[..n]).await;
+        let _ = w.shutdown().await;
+        return false;
+    }
+    if let Some((n, d)) = rep.stall_after {
+        let _ = w.write_all(&rep.body[..n]).await;
+        let _ = w.flush().await;
+        tokio::time::sleep(d).await;
+        return false;
+    }
+    if w.write_all(&rep.body).await.is_err() {
+        return false;
+    }
+    if rep.close_delimited {
+        let _ = w.shutdown().await;
+        return false;
+    }
+    true
 }
 
 /// Sends the answer to one request; false when the connection must be closed.

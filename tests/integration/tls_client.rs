@@ -10,36 +10,21 @@
 //! `serve --client-ca` itself stays strict (rustls/WebPKI): the last test shows what it
 //! refuses and that the client's error says why.
 //!
-//! The PKI is made per test with the `openssl` command line (a dependency of the test
-//! suite, see scripts/setup-test-deps). The mount test runs as root with /dev/fuse.
+//! The PKI is made per test in Rust (`support::pki`, no `openssl` command). The mount
+//! test runs as root with /dev/fuse.
 
-mod common;
+use crate::support;
 
-use common::*;
 use shacachefs::server::TlsOptions;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn openssl(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("the openssl command is needed for these tests: {e}"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::*;
 
 /// Which client credentials a test uses.
 #[derive(Debug, Clone, Copy)]
 enum Creds {
-    /// `openssl genrsa -traditional 1024` + `openssl x509 -req` without extensions.
+    /// A PKCS#1 RSA-1024 key and an X.509 v1 certificate (no extensions).
     LegacyV1Rsa1024,
     /// RSA-2048 (PKCS#8) + a v3 certificate with clientAuth.
     ModernV3Rsa2048,
@@ -56,134 +41,44 @@ impl Creds {
 
 /// A CA (RSA-2048, v3), a server certificate for 127.0.0.1 and both client identities.
 struct Pki {
-    dir: tempfile::TempDir,
+    pki: support::pki::Pki,
+}
+
+/// The X.509 version (1 or 3) and RSA key size of the certificate in `pem`.
+fn version_and_bits(pem: &Path) -> (u8, usize) {
+    use der::DecodePem;
+    use rsa::traits::PublicKeyParts;
+    let text = std::fs::read_to_string(pem).unwrap();
+    let cert = x509_cert::Certificate::from_pem(&text).unwrap();
+    let version = match cert.tbs_certificate.version {
+        x509_cert::certificate::Version::V1 => 1,
+        x509_cert::certificate::Version::V2 => 2,
+        x509_cert::certificate::Version::V3 => 3,
+    };
+    let spki = der::Encode::to_der(&cert.tbs_certificate.subject_public_key_info).unwrap();
+    let key =
+        <rsa::RsaPublicKey as rsa::pkcs8::DecodePublicKey>::from_public_key_der(&spki).unwrap();
+    (version, key.n().bits())
 }
 
 impl Pki {
     fn make() -> Pki {
-        let dir = tempdir();
-        let d = dir.path();
-        openssl(
-            d,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=tls_client test CA",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        );
-        std::fs::write(
-            d.join("server.ext"),
-            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n\
-             extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
-        )
-        .unwrap();
-        std::fs::write(
-            d.join("client.ext"),
-            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n\
-             keyUsage=digitalSignature\n",
-        )
-        .unwrap();
-        let sign = |csr: &str, out: &str, ext: Option<&str>| {
-            let mut args = vec![
-                "x509",
-                "-req",
-                "-in",
-                csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                out,
-                "-days",
-                "2",
-            ];
-            if let Some(ext) = ext {
-                args.extend(["-extfile", ext]);
-            }
-            openssl(d, &args);
-        };
-        // The server: RSA-2048, v3, verified strictly by the client.
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        );
-        sign("server.csr", "server.pem", Some("server.ext"));
-        // The legacy client: a PKCS#1 RSA-1024 key, a v1 certificate.
-        openssl(d, &["genrsa", "-traditional", "-out", "legacy.key", "1024"]);
-        openssl(
-            d,
-            &[
-                "req",
-                "-new",
-                "-key",
-                "legacy.key",
-                "-out",
-                "legacy.csr",
-                "-subj",
-                "/CN=legacy uploader",
-            ],
-        );
-        sign("legacy.csr", "legacy.pem", None);
-        // The modern client: RSA-2048 (PKCS#8), v3.
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "modern.key",
-                "-out",
-                "modern.csr",
-                "-subj",
-                "/CN=modern uploader",
-            ],
-        );
-        sign("modern.csr", "modern.pem", Some("client.ext"));
-
+        let pki = support::pki::Pki::new("tls_client test CA");
+        pki.server("server")
+            // The legacy client: a PKCS#1 RSA-1024 key, a v1 certificate.
+            .v1_client("legacy", "legacy uploader", 1024)
+            // The modern client: RSA-2048 (PKCS#8), v3.
+            .client("modern", "modern uploader");
         // The premises, checked: what the test claims to use is what it uses.
-        let text = |name: &str| openssl(d, &["x509", "-in", name, "-noout", "-text"]);
-        let legacy = text("legacy.pem");
-        assert!(legacy.contains("Version: 1 (0x0)"), "{legacy}");
-        assert!(legacy.contains("Public-Key: (1024 bit)"), "{legacy}");
-        let modern = text("modern.pem");
-        assert!(modern.contains("Version: 3 (0x2)"), "{modern}");
-        assert!(modern.contains("Public-Key: (2048 bit)"), "{modern}");
-        let key = std::fs::read_to_string(d.join("legacy.key")).unwrap();
+        assert_eq!(version_and_bits(&pki.path("legacy.pem")), (1, 1024));
+        assert_eq!(version_and_bits(&pki.path("modern.pem")), (3, 2048));
+        let key = std::fs::read_to_string(pki.path("legacy.key")).unwrap();
         assert!(key.starts_with("-----BEGIN RSA PRIVATE KEY-----"), "{key}");
-        Pki { dir }
+        Pki { pki }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.pki.path(name)
     }
 
     fn cert(&self, creds: Creds) -> PathBuf {
@@ -236,8 +131,8 @@ struct OpensslFront {
     port: u16,
     log: PathBuf,
     // Backends: the one for certified connections, the one that refuses uploads.
-    _with_cert: TestServer,
-    _without_cert: TestServer,
+    _with_cert: Server,
+    _without_cert: Server,
     _dir: tempfile::TempDir,
 }
 
@@ -246,12 +141,12 @@ impl OpensslFront {
     /// (OpenSSL's `ClientSignatureAlgorithms`, through an `OPENSSL_CONF` file, as Python's
     /// `ssl` has no call for it), e.g. `RSA+SHA256` for PKCS#1 v1.5 only.
     fn start(pki: &Pki, max_tls12: bool, client_sigalgs: Option<&str>) -> OpensslFront {
-        let with_cert = TestServer::start();
+        let with_cert = Server::start();
         let store = with_cert.store();
-        let without_cert = TestServer::start_with(|o| {
-            o.root = store;
-            o.upload_user = Some(("not-a-client".into(), "no-certificate".into()));
-        });
+        let without_cert = Server::builder()
+            .root(&store)
+            .upload_user("not-a-client", "no-certificate")
+            .start();
         let dir = tempdir();
         let log = dir.path().join("connections.jsonl");
         let hostport = |url: String| {
@@ -418,93 +313,6 @@ fn upload_and_download(pki: &Pki, front: &OpensslFront, creds: Creds, work: &Pat
 // ---------------------------------------------------------------------------------------
 // A real mount.
 
-fn mounted(mnt: &Path) -> bool {
-    let want = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == want.to_str())
-}
-
-/// A foreground mount, unmounted and reaped when dropped.
-struct Mount {
-    mnt: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Mount {
-    fn start(config: &Path, dir: &Path, key: &str) -> Mount {
-        assert!(Path::new("/dev/fuse").exists(), "FUSE is required");
-        // SAFETY: getuid has no preconditions.
-        assert_eq!(unsafe { libc::getuid() }, 0, "real-mount tests run as root");
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let log = dir.join("mount.log");
-        let mut cmd = Command::new(shacachefs_bin());
-        cmd.arg("mount")
-            .arg("-f")
-            .arg("-c")
-            .arg(config)
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .arg("-k")
-            .arg(key)
-            .arg(&mnt);
-        without_proxy(&mut cmd);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let mut m = Mount {
-            mnt,
-            child: Some(cmd.spawn().expect("cannot start shacachefs mount")),
-            log,
-        };
-        let start = Instant::now();
-        while !mounted(&m.mnt) {
-            if let Some(Ok(Some(status))) = m.child.as_mut().map(Child::try_wait) {
-                panic!("the mount exited ({status}): {}", m.log_text());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "no mount after 15 s: {}",
-                m.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        m
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if mounted(&self.mnt) {
-            let ok = Command::new("umount")
-                .arg(&self.mnt)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-            }
-        }
-        if let Some(mut c) = self.child.take() {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn cp(from: &Path, to: &Path) -> Output {
     let mut cmd = Command::new("cp");
     cmd.arg(from).arg(to);
@@ -515,9 +323,9 @@ fn cp(from: &Path, to: &Path) -> Output {
 /// its upload starts while it is written), then `download` it back.
 fn mount_round_trip(front: &OpensslFront, creds_der: &str, cfg: &Path, work: &Path) {
     let before = front.presented(creds_der);
-    let m = Mount::start(cfg, work, "tls-key");
+    let m = Mount::in_dir(cfg, work, &["-k", "tls-key"]);
     let out = work.join("a.via-mount");
-    cp(&m.mnt.join("tls-key/a.bin"), &out).assert_success();
+    cp(&m.mountpoint.join("tls-key/a.bin"), &out).assert_success();
     assert_eq!(
         std::fs::read(&out).unwrap(),
         std::fs::read(work.join("a.bin")).unwrap()
@@ -525,7 +333,7 @@ fn mount_round_trip(front: &OpensslFront, creds_der: &str, cfg: &Path, work: &Pa
     let data = pseudo_random_bytes(10 << 20, 16);
     let src = work.join("b.bin");
     std::fs::write(&src, &data).unwrap();
-    let copied = cp(&src, &m.mnt.join("tls-key/b.bin"));
+    let copied = cp(&src, &m.mountpoint.join("tls-key/b.bin"));
     assert!(
         copied.success(),
         "{}\nmount log:\n{}",
@@ -626,13 +434,13 @@ fn legacy_key_signs_pkcs1_when_that_is_all_the_server_takes() {
 #[test]
 fn serve_client_ca_accepts_v3_only_and_the_client_error_says_so() {
     let pki = Pki::make();
-    let server = TestServer::start_with(|o| {
-        o.tls = Some(TlsOptions {
+    let server = Server::builder()
+        .tls(TlsOptions {
             cert_file: pki.path("server.pem"),
             key_file: pki.path("server.key"),
             client_ca_file: Some(pki.path("ca.pem")),
         })
-    });
+        .start();
     let base = server.cache_url().trim_end_matches("/shacache").to_string();
     assert!(base.starts_with("https://127.0.0.1:"), "{base}");
     let work = tempdir();
