@@ -284,6 +284,44 @@ fn published_inner_json_is_python_json_dumps() {
 // ---------------------------------------------------------------------------------------
 // 3. Failure: the server is down.
 
+/// Issue 14, offline writes: a configured key that was never listed stays writable
+/// while the server is down (the copy's `close()` fails with EIO and the file is kept),
+/// and `--retry-uploads` publishes it once the server is back, with nothing else done.
+#[test]
+fn an_offline_cp_into_a_known_key_is_published_when_the_server_returns() {
+    let mut s = Setup::new();
+    let src = s.dir("src");
+    let key = "offline-known";
+    write_random_file(&src.join("a.bin"), 40_000, 41);
+    write_random_file(&src.join("b.bin"), 50_000, 42);
+    let sha_a = sha512_file(&src.join("a.bin"));
+    let sha_b = sha512_file(&src.join("b.bin"));
+    s.server.stop();
+    let m = s.mount(&["--retry-uploads", "--key", key, "--dir-ttl", "1"]);
+    // Never listed, server down: the key is there (empty), names in it are absent.
+    assert!(list_dir(&m.path(key)).is_empty(), "{:?}", list_dir(&m.path(key)));
+    for name in ["a.bin", "b.bin"] {
+        let out = cp(&src.join(name), &m.path(key));
+        assert_fails_with(&out, &["Input/output error"], &m);
+    }
+    assert_eq!(outbox_items(&s.cache()).len(), 2, "both kept in the outbox");
+    s.server.restart();
+    // The first retry round comes 15 s after the mount; rounds that found the server
+    // away did not use up the retry budget.
+    let published = wait_until(Duration::from_secs(90), || {
+        !s.server.entries_named(key, "a.bin").is_empty()
+            && !s.server.entries_named(key, "b.bin").is_empty()
+    });
+    assert!(published, "not published after the server came back:\n{}", m.log_text());
+    published_entry(&s, key, "a.bin", &sha_a);
+    published_entry(&s, key, "b.bin", &sha_b);
+    assert!(
+        wait_until(Duration::from_secs(10), || outbox_items(&s.cache()).is_empty()),
+        "the outbox should be empty: {:?}",
+        outbox_items(&s.cache())
+    );
+}
+
 #[test]
 fn server_down_close_fails_file_kept_then_outbox_retry_publishes() {
     let mut s = Setup::new();
