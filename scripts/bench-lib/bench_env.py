@@ -64,8 +64,13 @@ class Env(Runner):
         for _ in range(3):
             self.port = free_port()
             with open(self.scratch / "serve.log", "ab") as logf:
+                # Every client of this loopback server shares one address: the default
+                # cap of 64 connections per client would answer 503 to a baseline while a
+                # daemon's 64 size probes keep their connections.
                 proc = subprocess.Popen([self.bin, "serve", "--root", self.store, "--listen",
-                                         f"127.0.0.1:{self.port}"], stdout=logf, stderr=logf)
+                                         f"127.0.0.1:{self.port}",
+                                         "--max-connections-per-client", "1024"],
+                                        stdout=logf, stderr=logf)
             self.procs.append(proc)
             for _ in range(100):
                 if proc.poll() is not None:
