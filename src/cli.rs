@@ -41,7 +41,8 @@ pub enum Command {
     /// Upload a file to shacache and publish a signed shadir entry (networkcache-upload).
     #[command(
         after_help = "Examples:\n  shacachefs upload -c /etc/opt/slapcache.cfg -f build.tar.gz -k my-key file=build.tar.gz\n  \
-        shacachefs upload -c slapcache.cfg -f blob.bin            # blob only: prints its SHA-512"
+        shacachefs upload -c slapcache.cfg -f blob.bin            # blob only: prints its SHA-512\n  \
+        find out -type f | shacachefs upload -c slapcache.cfg -k my-key --files-from -   # one entry a file"
     )]
     Upload(UploadArgs),
     /// Download the first matching entry's blob, verified (networkcache-download).
@@ -152,9 +153,16 @@ pub struct UploadArgs {
     /// file-urlmd5:md5(URL) and the metadata gets url=URL.
     #[arg(short = 'u', long)]
     pub url: Option<String>,
-    /// Upload the contents of this file.
+    /// Upload the contents of this file. Repeat it (or use --files-from) to publish
+    /// several files under one key: each entry then gets file=NAME, its own base name.
     #[arg(short = 'f', long, value_name = "FILE")]
-    pub file: Option<PathBuf>,
+    pub file: Vec<PathBuf>,
+    /// Read more files to upload from LIST, one path a line ("-": standard input).
+    #[arg(long, value_name = "LIST")]
+    pub files_from: Option<PathBuf>,
+    /// With several files: how many are uploaded and published at once.
+    #[arg(short = 'j', long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
     /// A JSON file holding a dictionary of metadata.
     #[arg(short = 'm', long, value_name = "FILE")]
     pub metadata: Option<PathBuf>,

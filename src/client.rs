@@ -18,8 +18,9 @@ use std::sync::Arc;
 /// Who vouches for an entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignedBy {
-    /// The subject of the certificate that verified it.
-    Certificate(String),
+    /// The subject of the certificate that verified it (shared with the certificate:
+    /// one allocation for all the entries it verified).
+    Certificate(Arc<str>),
     /// No certificate is configured: nothing was checked.
     Unverified,
 }
@@ -75,8 +76,8 @@ pub fn select_trusted(listing: Listing, verifier: &Verifier) -> (Vec<TrustedEntr
         })
         .collect();
     let mut trusted = Vec::new();
+    let excerpt = |raw: &RawEntry| -> String { raw.inner.chars().take(120).collect() };
     for raw in listing.entries {
-        let excerpt: String = raw.inner.chars().take(120).collect();
         let signer = if verifier.is_empty() {
             SignedBy::Unverified
         } else {
@@ -90,7 +91,7 @@ pub fn select_trusted(listing: Listing, verifier: &Verifier) -> (Vec<TrustedEntr
                     };
                     hidden.push(Hidden {
                         reason: reason.into(),
-                        excerpt,
+                        excerpt: excerpt(&raw),
                     });
                     continue;
                 }
@@ -100,7 +101,7 @@ pub fn select_trusted(listing: Listing, verifier: &Verifier) -> (Vec<TrustedEntr
             Ok(info) => trusted.push(TrustedEntry { raw, info, signer }),
             Err(e) => hidden.push(Hidden {
                 reason: e.to_string(),
-                excerpt,
+                excerpt: excerpt(&raw),
             }),
         }
     }
@@ -235,6 +236,39 @@ pub fn entries_json(files: &[(String, TrustedEntry)]) -> Value {
     )
 }
 
+/// The `.entries.json` file's text: exactly `pyjson::dumps_with(&entries_json(files),
+/// indent 2)` and a newline, written piece by piece. Building the [`entries_json`]
+/// `Value` first clones every entry's metadata: for a key of 20,000 entries that
+/// document was 28 MB of the daemon's 113 MB heap peak (heaptrack, BENCHMARKS.md).
+pub fn entries_json_text(files: &[(String, TrustedEntry)]) -> String {
+    use crate::pyjson::{write_object, write_string, Style};
+    let style = Style {
+        indent: Some(2),
+        sort_keys: false,
+    };
+    if files.is_empty() {
+        return "[]\n".to_string();
+    }
+    let mut out = String::with_capacity(files.len() * 512);
+    out.push('[');
+    for (i, (name, e)) in files.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("\n  {\n    \"name\": ");
+        write_string(&mut out, name);
+        out.push_str(",\n    \"sha512\": \"");
+        out.push_str(&e.info.sha512.hex());
+        out.push_str("\",\n    \"metadata\": ");
+        write_object(&mut out, &e.info.metadata, style, 2);
+        out.push_str(",\n    \"signer\": ");
+        write_string(&mut out, e.signer.label());
+        out.push_str("\n  }");
+    }
+    out.push_str("\n]\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,5 +304,62 @@ mod tests {
         assert_eq!(shown.len(), 4);
         assert!(hidden.is_empty());
         assert!(shown.iter().all(|e| e.signer == SignedBy::Unverified));
+    }
+
+    #[test]
+    fn entries_share_their_certificate_subject() {
+        let body = fixture("shadir-response.json");
+        let listing = crate::wire::parse_listing(body.as_bytes()).unwrap();
+        let (a, _) = Verifier::from_pems(&[fixture("signer-a.crt")]);
+        let mut doubled = listing.clone();
+        doubled.entries.extend(listing.entries.iter().cloned());
+        let (shown, _) = select_trusted(doubled, &a);
+        assert_eq!(shown.len(), 2);
+        let subject = |e: &TrustedEntry| match &e.signer {
+            SignedBy::Certificate(s) => s.clone(),
+            SignedBy::Unverified => panic!("verified"),
+        };
+        // One allocation, the certificate's, for every entry it verified.
+        assert!(Arc::ptr_eq(&subject(&shown[0]), &subject(&shown[1])));
+        assert!(Arc::ptr_eq(&subject(&shown[0]), &a.certs[0].subject));
+    }
+
+    #[test]
+    fn entries_json_text_is_the_pretty_document() {
+        let entry = |inner: &str, signer: SignedBy| TrustedEntry {
+            raw: RawEntry {
+                inner: inner.into(),
+                signature: String::new(),
+            },
+            info: EntryInfo::parse(inner).unwrap(),
+            signer,
+        };
+        let sha = Sha512::of(b"x").hex();
+        let files = [
+            (
+                "a.bin".to_string(),
+                entry(
+                    &format!(r#"{{"sha512": "{sha}", "file": "a.bin", "timestamp": 1.5}}"#),
+                    SignedBy::Certificate("C\u{e9} \"q\"".into()),
+                ),
+            ),
+            (
+                "\u{e9}t\u{e9}~1".to_string(),
+                entry(
+                    &format!(
+                        r#"{{"sha512": "{sha}", "os": ["debian", 12, {{"x": null}}], "e": {{}}, "n": 10000000000000000000000}}"#
+                    ),
+                    SignedBy::Unverified,
+                ),
+            ),
+        ];
+        let style = crate::pyjson::Style {
+            indent: Some(2),
+            sort_keys: false,
+        };
+        for n in 0..=files.len() {
+            let want = crate::pyjson::dumps_with(&entries_json(&files[..n]), style) + "\n";
+            assert_eq!(entries_json_text(&files[..n]), want, "{n} entries");
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! Also [`lenient`]: a text Python's `json.loads` accepts but serde_json does not, made
 //! acceptable (lone surrogates, `NaN`/`Infinity`, a UTF-8 BOM), with where it differed.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::fmt::Write;
 
@@ -36,13 +36,47 @@ fn hex4(text: &[u8], at: usize) -> Option<u32> {
 /// reads as floats) become `null`; lone surrogates become U+FFFD and are reported (see
 /// [`Lenient::lone_surrogates`]). Everything else is left for serde_json to judge.
 /// Bounded: one pass over the text.
+/// Whether [`lenient`] has anything to change in `body`: a `NaN`/`Infinity` literal
+/// (an `N` or `I` outside strings), a `\\uD…` escape inside a string, or UTF-8 bytes of
+/// a surrogate (`ED A0..BF`). One pass that follows strings, so that the letters of
+/// base64 signatures and names (almost every listing has an `N` or an `I` in a string)
+/// do not send the whole body through the copying path.
+fn needs_rewrite(body: &[u8]) -> bool {
+    let mut in_string = false;
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        if b == 0xED && body.get(i + 1).is_some_and(|c| (0xA0..=0xBF).contains(c)) {
+            return true;
+        }
+        if in_string {
+            match b {
+                b'"' => in_string = false,
+                b'\\' => {
+                    if body.get(i + 1) == Some(&b'u')
+                        && body.get(i + 2).is_some_and(|c| (c | 0x20) == b'd')
+                    {
+                        return true;
+                    }
+                    i += 1; // the escaped byte
+                }
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'N' | b'I' => return true,
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
 pub fn lenient(text: &[u8]) -> Lenient<'_> {
     let body = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
-    let suspicious = body.iter().any(|&b| matches!(b, b'N' | b'I' | 0xED))
-        || body
-            .windows(3)
-            .any(|w| w[0] == b'\\' && w[1] == b'u' && (w[2] | 0x20) == b'd');
-    if !suspicious {
+    if !needs_rewrite(body) {
         return Lenient {
             text: Cow::Borrowed(body),
             lone_surrogates: Vec::new(),
@@ -199,29 +233,33 @@ fn write_value(out: &mut String, value: &Value, style: Style, level: usize) {
             newline(out, style, level);
             out.push(']');
         }
-        Value::Object(map) => {
-            if map.is_empty() {
-                out.push_str("{}");
-                return;
-            }
-            let mut pairs: Vec<(&String, &Value)> = map.iter().collect();
-            if style.sort_keys {
-                pairs.sort_by(|a, b| a.0.cmp(b.0));
-            }
-            out.push('{');
-            for (i, (k, v)) in pairs.into_iter().enumerate() {
-                if i > 0 {
-                    out.push_str(if style.indent.is_some() { "," } else { ", " });
-                }
-                newline(out, style, level + 1);
-                write_string(out, k);
-                out.push_str(": ");
-                write_value(out, v, style, level + 1);
-            }
-            newline(out, style, level);
-            out.push('}');
-        }
+        Value::Object(map) => write_object(out, map, style, level),
     }
+}
+
+/// Appends `map` as [`dumps_with`] writes an object nested `level` deep: for documents
+/// written piece by piece (`client::entries_json_text`) without a `Value` of the whole.
+pub fn write_object(out: &mut String, map: &Map<String, Value>, style: Style, level: usize) {
+    if map.is_empty() {
+        out.push_str("{}");
+        return;
+    }
+    let mut pairs: Vec<(&String, &Value)> = map.iter().collect();
+    if style.sort_keys {
+        pairs.sort_by(|a, b| a.0.cmp(b.0));
+    }
+    out.push('{');
+    for (i, (k, v)) in pairs.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str(if style.indent.is_some() { "," } else { ", " });
+        }
+        newline(out, style, level + 1);
+        write_string(out, k);
+        out.push_str(": ");
+        write_value(out, v, style, level + 1);
+    }
+    newline(out, style, level);
+    out.push('}');
 }
 
 /// A string literal with `ensure_ascii=True`.
@@ -344,6 +382,27 @@ mod tests {
         assert!(l.lone_surrogates.is_empty());
         // Plain JSON is not copied.
         assert!(matches!(lenient(b"[1, \"x\"]").text, Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn only_what_needs_a_rewrite_is_copied() {
+        let borrowed = |b: &[u8]| matches!(lenient(b).text, Cow::Borrowed(_));
+        // Letters N and I inside strings (base64 signatures, names), an escaped quote
+        // before them, an escaped backslash before "ud800", a BMP escape: untouched.
+        assert!(borrowed(
+            b"[[\"{\\\"file\\\": \\\"NaN Infinity\\\"}\", \"MIIBIjANBgkq+/NI==\"], [\"a\\\"N\", \"\\\\ud800 \\u00e9\"]]"
+        ));
+        // Each trigger alone is rewritten: NaN / Infinity outside strings, an escaped
+        // surrogate, the UTF-8 bytes of one.
+        for body in [
+            &b"[NaN]"[..],
+            b"{\"t\": -Infinity}",
+            b"[\"\\ud800\"]",
+            b"[\"\\uDC00\"]",
+            b"[\"\xed\xa0\x80\"]",
+        ] {
+            assert!(!borrowed(body), "{}", String::from_utf8_lossy(body));
+        }
     }
     use serde_json::json;
 

@@ -24,8 +24,9 @@ use std::sync::{Arc, Mutex};
 /// One trusted certificate, reduced to what verification needs.
 #[derive(Debug, Clone)]
 pub struct TrustedCert {
-    /// The subject's common name (or the whole subject when it has no CN).
-    pub subject: String,
+    /// The subject's common name (or the whole subject when it has no CN); shared by
+    /// every entry it verified.
+    pub subject: Arc<str>,
     pub public_key: rsa::RsaPublicKey,
 }
 

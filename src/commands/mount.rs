@@ -324,7 +324,9 @@ async fn start(args: &MountArgs) -> Result<Started> {
             keys,
             uid,
             gid,
-            probe_concurrency: 64,
+            // Below `serve`'s default cap of 64 connections per client, which answers
+            // 503 past it (a cold 20,000-entry listing retried 11-22 probes each time).
+            probe_concurrency: 32,
             writable,
             extra_meta,
             namespace,

@@ -8,10 +8,9 @@
 //! timeout at every `stat`.
 
 use super::{lock, Core, FsError, Node, Notice};
-use crate::client::{entries_json, select_trusted, TrustedEntry};
+use crate::client::{entries_json_text, select_trusted, TrustedEntry};
 use crate::digest::Sha512;
 use crate::naming::{key_dir_name, key_from_dir_name, name_entries};
-use crate::pyjson::{dumps_with, Style};
 use crate::remote::{DirListing, RemoteError};
 use crate::wire::{parse_listing, Listing, RawEntry};
 use serde_json::Value;
@@ -369,8 +368,11 @@ impl Core {
             }
         }
         let named = name_entries(trusted);
+        // Written directly (no `Value` of the whole document), then the entries moved
+        // into the map, not cloned: both were large parts of a big key's memory peak.
+        let json = entries_json_text(&named.files);
         let mut files = BTreeMap::new();
-        for (name, entry) in named.files.iter().cloned() {
+        for (name, entry) in named.files {
             let mtime = entry
                 .info
                 .timestamp()
@@ -378,14 +380,6 @@ impl Core {
                 .unwrap_or_else(|| self.cache.first_seen(key, &entry.info.sha512));
             files.insert(name, FileEntry { entry, mtime });
         }
-        let mut json = dumps_with(
-            &entries_json(&named.files),
-            Style {
-                indent: Some(2),
-                sort_keys: false,
-            },
-        );
-        json.push('\n');
         KeyListing {
             fetched: Instant::now(),
             files,

@@ -134,7 +134,7 @@ pub struct Hasher {
     imp: Impl,
     /// OpenSSL's own state, for [`Impl::Libcrypto`] (which keeps the whole stream's
     /// state itself, not ours).
-    ossl: Option<libcrypto::Ctx>,
+    ossl: Option<Box<libcrypto::Ctx>>,
 }
 
 impl Default for Hasher {
@@ -169,7 +169,7 @@ impl Hasher {
             buf_len: 0,
             total: 0,
             imp,
-            ossl: (imp == Impl::Libcrypto).then(libcrypto::Ctx::new),
+            ossl: (imp == Impl::Libcrypto).then(|| Box::new(libcrypto::Ctx::new())),
         })
     }
 

@@ -119,13 +119,23 @@ fn the_default_is_the_first_supported_path() {
     assert_eq!(Impl::detect(), supported[0]);
     assert_eq!(Hasher::new().implementation(), supported[0]);
     assert_eq!(digest(b"abc"), reference(b"abc"));
-    // Where the CPU has the features, the fast path is the one chosen.
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("bmi1")
-        && std::is_x86_feature_detected!("bmi2")
-    {
-        assert_eq!(Impl::detect(), Impl::Avx2Bmi2);
+    // The system's libcrypto first when it loads, else our AVX2 path where the CPU
+    // has the features.
+    if supported.contains(&Impl::Libcrypto) {
+        assert_eq!(Impl::detect(), Impl::Libcrypto);
+    } else {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("bmi1")
+            && std::is_x86_feature_detected!("bmi2")
+        {
+            assert_eq!(Impl::detect(), Impl::Avx2Bmi2);
+        }
+    }
+    // This machine has OpenSSL (the reference client's hashlib uses it): the libcrypto
+    // path must load here, or the tests above would not exercise it.
+    if std::path::Path::new("/usr/lib/x86_64-linux-gnu/libcrypto.so.3").exists() {
+        assert!(supported.contains(&Impl::Libcrypto), "libcrypto.so.3 did not load");
     }
     // A clone goes on independently from the same state.
     let mut h = Hasher::new();

@@ -83,7 +83,7 @@ fn parse_der(der: &[u8]) -> Result<(TrustedCert, Option<String>), String> {
             let public_key = rsa_key(&spki, &subject)?;
             Ok((
                 TrustedCert {
-                    subject,
+                    subject: subject.into(),
                     public_key,
                 },
                 None,
@@ -101,7 +101,7 @@ fn parse_der(der: &[u8]) -> Result<(TrustedCert, Option<String>), String> {
             );
             Ok((
                 TrustedCert {
-                    subject,
+                    subject: subject.into(),
                     public_key,
                 },
                 Some(note),

@@ -84,9 +84,9 @@ fn verdicts_trusting_nothing_verify_nothing() {
 fn verify_names_the_matching_certificate() {
     let v = verifier(&["signer-a.crt", "signer-b.crt"]);
     let a = v.verify(&fixture("entry-a.json"), fixture("entry-a.sig").trim());
-    assert_eq!(a.unwrap().subject, "shacachefs-fixture-a");
+    assert_eq!(&*a.unwrap().subject, "shacachefs-fixture-a");
     let b = v.verify(&fixture("entry-b.json"), fixture("entry-b.sig").trim());
-    assert_eq!(b.unwrap().subject, "shacachefs-fixture-b");
+    assert_eq!(&*b.unwrap().subject, "shacachefs-fixture-b");
 }
 
 #[test]
@@ -211,7 +211,7 @@ fn non_rsa_certificate_is_skipped_with_a_warning() {
     ];
     let (v, warnings) = Verifier::from_pems(&pems);
     assert_eq!(v.certs.len(), 1);
-    assert_eq!(v.certs[0].subject, "shacachefs-fixture-a");
+    assert_eq!(&*v.certs[0].subject, "shacachefs-fixture-a");
     assert_eq!(warnings.len(), 1);
     assert!(warnings[0].contains("ec-signer"), "{warnings:?}");
     // And an EC private key is no signing key.
@@ -242,7 +242,7 @@ fn subject_without_cn_is_the_whole_subject() {
     assert!(out.status.success(), "{out:?}");
     let (v, warnings) = Verifier::from_pems(&[std::fs::read_to_string(&crt).unwrap()]);
     assert!(warnings.is_empty(), "{warnings:?}");
-    assert_eq!(v.certs[0].subject, "OU=Cache,O=Example Org");
+    assert_eq!(&*v.certs[0].subject, "OU=Cache,O=Example Org");
 }
 
 #[test]
@@ -261,7 +261,7 @@ fn production_certificate_parses() {
     let (v, warnings) = Verifier::from_pems(&[pem]);
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(v.certs.len(), 1);
-    assert_eq!(v.certs[0].subject, "COMP-");
+    assert_eq!(&*v.certs[0].subject, "COMP-");
     assert_eq!(
         rsa::traits::PublicKeyParts::size(&v.certs[0].public_key),
         128
@@ -311,7 +311,7 @@ fn non_strict_certificate_still_gives_its_key() {
 
     let (v, warnings) = Verifier::from_pems(&[pem2]);
     assert_eq!(v.certs.len(), 1);
-    assert_eq!(v.certs[0].subject, "shacachefs-fixture-a");
+    assert_eq!(&*v.certs[0].subject, "shacachefs-fixture-a");
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("used anyway"), "{warnings:?}");
     assert_eq!(verdicts(&v), [true, false, false, false]);
@@ -393,7 +393,7 @@ fn generated_key_round_trips() {
     let signer = Signer::from_pem(key_pem, "generated").unwrap();
     let (v, warnings) = Verifier::from_pems(std::slice::from_ref(cert_pem));
     assert!(warnings.is_empty(), "{warnings:?}");
-    assert_eq!(v.certs[0].subject, "shacachefs test, \"quoted\"");
+    assert_eq!(&*v.certs[0].subject, "shacachefs test, \"quoted\"");
     signer.check_trusted(&v, "generated").unwrap();
     let inner = "{\"sha512\": \"00\"}";
     let sig = signer.sign(inner);

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod bench_cli;
 mod cache_pressure;
 mod core;
 mod crash;

@@ -299,7 +299,11 @@ fn an_offline_cp_into_a_known_key_is_published_when_the_server_returns() {
     s.server.stop();
     let m = s.mount(&["--retry-uploads", "--key", key, "--dir-ttl", "1"]);
     // Never listed, server down: the key is there (empty), names in it are absent.
-    assert!(list_dir(&m.path(key)).is_empty(), "{:?}", list_dir(&m.path(key)));
+    assert!(
+        list_dir(&m.path(key)).is_empty(),
+        "{:?}",
+        list_dir(&m.path(key))
+    );
     for name in ["a.bin", "b.bin"] {
         let out = cp(&src.join(name), &m.path(key));
         assert_fails_with(&out, &["Input/output error"], &m);
@@ -312,11 +316,16 @@ fn an_offline_cp_into_a_known_key_is_published_when_the_server_returns() {
         !s.server.entries_named(key, "a.bin").is_empty()
             && !s.server.entries_named(key, "b.bin").is_empty()
     });
-    assert!(published, "not published after the server came back:\n{}", m.log_text());
+    assert!(
+        published,
+        "not published after the server came back:\n{}",
+        m.log_text()
+    );
     published_entry(&s, key, "a.bin", &sha_a);
     published_entry(&s, key, "b.bin", &sha_b);
     assert!(
-        wait_until(Duration::from_secs(10), || outbox_items(&s.cache()).is_empty()),
+        wait_until(Duration::from_secs(10), || outbox_items(&s.cache())
+            .is_empty()),
         "the outbox should be empty: {:?}",
         outbox_items(&s.cache())
     );

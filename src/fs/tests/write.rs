@@ -46,7 +46,11 @@ async fn a_mount_started_right_after_a_publish_shows_it() {
     let rig = rig.remount();
     let gets = rig.store.calls(Op::GetDir);
     let names: Vec<String> = rig.names("k").await.into_iter().map(|n| n.0).collect();
-    assert_eq!(rig.store.calls(Op::GetDir), gets, "the saved answer was used");
+    assert_eq!(
+        rig.store.calls(Op::GetDir),
+        gets,
+        "the saved answer was used"
+    );
     assert!(names.contains(&"f".to_string()), "{names:?}");
 }
 
