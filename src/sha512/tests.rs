@@ -135,7 +135,10 @@ fn the_default_is_the_first_supported_path() {
     // This machine has OpenSSL (the reference client's hashlib uses it): the libcrypto
     // path must load here, or the tests above would not exercise it.
     if std::path::Path::new("/usr/lib/x86_64-linux-gnu/libcrypto.so.3").exists() {
-        assert!(supported.contains(&Impl::Libcrypto), "libcrypto.so.3 did not load");
+        assert!(
+            supported.contains(&Impl::Libcrypto),
+            "libcrypto.so.3 did not load"
+        );
     }
     // A clone goes on independently from the same state.
     let mut h = Hasher::new();
