@@ -45,6 +45,12 @@ pub(super) enum KeyState {
 /// before a close tries them again.
 pub(crate) const OFFLINE_RECHECK: Duration = Duration::from_secs(30);
 
+/// Errors that say the servers cannot be reached at all (not a server that answers
+/// with an error): closes then fail at once for a while, see `mark_unreachable`.
+pub(crate) fn is_offline(e: &RemoteError) -> bool {
+    matches!(e, RemoteError::Network { .. } | RemoteError::Timeout { .. })
+}
+
 /// Errors after which the last known answer is better than nothing.
 pub(crate) fn is_unreachable(e: &RemoteError) -> bool {
     match e {
@@ -226,7 +232,7 @@ impl Core {
         self.fetch_listing(key, false).await
     }
 
-    /// The servers did not answer (a network error, a timeout, a 5xx): until
+    /// The servers could not be reached (a network error, a timeout): until
     /// [`OFFLINE_RECHECK`] has passed, or something answers, closes fail at once
     /// instead of each waiting for its own timeout.
     pub(crate) fn mark_unreachable(&self, e: &RemoteError) {
@@ -313,7 +319,9 @@ impl Core {
                 Ok(None)
             }
             Err(e) if is_unreachable(&e) => {
-                self.mark_unreachable(&e);
+                if is_offline(&e) {
+                    self.mark_unreachable(&e);
+                }
                 let saved = self
                     .stale_listing(key)
                     .map(|l| Listing {

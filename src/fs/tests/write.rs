@@ -224,6 +224,10 @@ async fn a_failed_publish_keeps_the_file_pending_and_a_retry_publishes_it() {
     rig.store
         .on(Op::PutDir, Some(1), Fault::Fail(Failure::Status(503)));
     assert_eq!(errno(rig.cp("f", b"precious").await), libc::EIO);
+    assert!(
+        !rig.core.known_unreachable(),
+        "a server that answers (503) is not offline: the next close tries it"
+    );
     assert_eq!(
         rig.store.calls(Op::PutDir),
         1,

@@ -6,7 +6,7 @@
 use super::super::{lock, Core, FsError, Handle, Node};
 use super::staging::{EarlyUpload, Phase, Staging};
 use crate::digest::{adopt_hashed, Sha512};
-use crate::fs::listings::{is_unreachable, OFFLINE_RECHECK};
+use crate::fs::listings::{is_offline, OFFLINE_RECHECK};
 use crate::growing::Growing;
 use crate::naming::KEY_RESERVED;
 use crate::publish::{publish, PublishError};
@@ -243,7 +243,7 @@ impl Core {
         };
         match &published {
             Ok(_) => self.mark_reachable(),
-            Err(PublishError::Remote(r)) if is_unreachable(r) => self.mark_unreachable(r),
+            Err(PublishError::Remote(r)) if is_offline(r) => self.mark_unreachable(r),
             Err(_) => {}
         }
         match published {
