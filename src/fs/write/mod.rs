@@ -18,7 +18,7 @@ mod staging;
 
 pub use publish::Busy;
 pub(super) use staging::{read_staged, StagedHandle, Staging};
-use staging::{FlushDoes, StagedInfo, EARLY_UPLOAD_MIN};
+use staging::{FlushDoes, OpenGuard, StagedInfo, EARLY_UPLOAD_MIN};
 
 use super::{existing, lock, new_name, Attr, Core, FsError, Handle, Invalidator, Kind, Node};
 use crate::naming::{unescape, KEY_RESERVED};
@@ -67,14 +67,14 @@ impl Core {
             lock(&self.staging).restart_sequence(id);
             self.clear_incomplete(id);
         }
-        self.staged_handle(id.to_string(), info.key, info.name, file, opener)
+        self.staged_handle(id.to_string(), info.key, info.name, file, opener, None)
     }
 
     /// A new staged item for `key`/`name`, replacing any staged one of that name (once
     /// a publish of that one is over: it works on frozen bytes). One that a handle still
     /// has open is not dropped: it only loses the name, and its handles' close or last
     /// release publishes what was written into it (acknowledged writes are never lost).
-    async fn stage(&self, key: &str, name: &str) -> Result<(String, File), FsError> {
+    async fn stage(&self, key: &str, name: &str) -> Result<(String, File, OpenGuard), FsError> {
         let outbox = self.writable_outbox()?;
         let old = self.staged_id(key, name);
         let _frozen = match old.as_deref().and_then(|o| self.freeze_of(o)) {
@@ -87,19 +87,19 @@ impl Core {
             &self.opts.namespace,
             &self.opts.extra_meta,
         ))?;
-        // Asked before the staging lock: `is_open` locks handles.
-        let old = old.filter(|o| !self.is_open(o));
+        // Dropped only when no handle has it open, decided under the staging lock where
+        // handles are counted: an open cannot slip in between.
         let mut st = lock(&self.staging);
-        if let Some(old) = old.filter(|o| st.items.contains_key(o)) {
+        if let Some(old) = old.filter(|o| st.items.get(o).is_some_and(|i| i.open_count() == 0)) {
             st.remove(&old);
             let _ = outbox.remove(&old);
         }
-        st.insert(
-            item.id.clone(),
-            StagedInfo::new(key.to_string(), name.to_string()),
-        );
+        let info = StagedInfo::new(key.to_string(), name.to_string());
+        // The caller's handle is counted from the start.
+        let open = info.open_guard();
+        st.insert(item.id.clone(), info);
         st.restart_sequence(&item.id);
-        Ok((item.id, file))
+        Ok((item.id, file, open))
     }
 
     fn key_of_dir(&self, parent: u64) -> Result<String, FsError> {
@@ -127,8 +127,8 @@ impl Core {
         }
         // A name shown escaped (`a%2Fb`) is written back under what it stands for.
         let file_name = unescape(name, KEY_RESERVED).unwrap_or_else(|| name.to_string());
-        let (id, file) = self.stage(&key, &file_name).await?;
-        let handle = self.staged_handle(id.clone(), key, file_name, file, opener)?;
+        let (id, file, open) = self.stage(&key, &file_name).await?;
+        let handle = self.staged_handle(id.clone(), key, file_name, file, opener, Some(open))?;
         let (fh, h) = self.add_handle(handle);
         Ok((self.staged_attr(&id)?, fh, h))
     }
@@ -145,8 +145,8 @@ impl Core {
         let handle = match self.node(ino)? {
             Node::Staged(id) => match self.published_node(&id) {
                 Some(Node::Entry { key, name, .. }) if truncate => {
-                    let (id, file) = self.stage(&key, &name).await?;
-                    self.staged_handle(id, key, name, file, opener)?
+                    let (id, file, open) = self.stage(&key, &name).await?;
+                    self.staged_handle(id, key, name, file, opener, Some(open))?
                 }
                 Some(_) => return Err(FsError::NotPermitted("published entries are immutable")),
                 None => self.open_staged(&id, truncate, opener).await?,
@@ -156,8 +156,8 @@ impl Core {
                     tracing::info!("key {key}: {name}: published entries cannot be modified (open with O_TRUNC to write a new version)");
                     return Err(FsError::NotPermitted("published entries are immutable"));
                 }
-                let (id, file) = self.stage(&key, &name).await?;
-                self.staged_handle(id, key, name, file, opener)?
+                let (id, file, open) = self.stage(&key, &name).await?;
+                self.staged_handle(id, key, name, file, opener, Some(open))?
             }
             Node::Root | Node::ShaDir | Node::Key(_) => return Err(FsError::IsDir),
             _ => return Err(FsError::NotPermitted("read-only file")),
@@ -228,23 +228,23 @@ impl Core {
         };
         let outbox = self.writable_outbox()?;
         let _one = self.successor_locks.lock(&old).await;
+        // Counted on the successor under the staging lock, where it is found.
         let existing = {
             let st = lock(&self.staging);
             st.successor
                 .get(&old)
-                .filter(|s| st.items.contains_key(*s))
-                .cloned()
+                .and_then(|s| st.items.get(s).map(|i| (s.clone(), i.open_guard())))
         };
-        let (id, file) = match existing {
-            Some(id) => {
+        let (id, file, open) = match existing {
+            Some((id, open)) => {
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .open(outbox.data_path(&id))?;
-                (id, file)
+                (id, file, open)
             }
             None => {
-                let (id, file) = self.stage(&key, &name).await?;
+                let (id, file, open) = self.stage(&key, &name).await?;
                 let dst = file.try_clone()?;
                 let copied = tokio::task::spawn_blocking(move || {
                     let (mut src, mut dst) = (src, dst);
@@ -266,7 +266,7 @@ impl Core {
                 st.successor.insert(old.clone(), id.clone());
                 drop(st);
                 self.mark_dirty(&id);
-                (id, file)
+                (id, file, open)
             }
         };
         let writer = self.writer_lock(&id)?;
@@ -275,6 +275,8 @@ impl Core {
             h.id = id;
             h.file = file;
             h.writer = writer;
+            // The old item's count drops with its guard.
+            h.open = open;
         }
         Ok(())
     }
@@ -400,11 +402,15 @@ impl Core {
             let h = lock(m);
             (h.id.clone(), h.wrote)
         };
-        let pending = lock(&self.staging)
+        // This handle still counts itself (its guard goes with it, below): another
+        // handle open on the item is a count above one.
+        let (pending, others) = lock(&self.staging)
             .items
             .get(&id)
-            .is_some_and(|i| i.on_last_release(wrote));
-        if pending && !self.is_open(&id) {
+            .map_or((false, false), |i| {
+                (i.on_last_release(wrote), i.open_count() > 1)
+            });
+        if pending && !others {
             let _ = self.publish_staged(&id).await;
         }
         // The writer lock goes with the handle (after the publish: no `outbox retry`

@@ -80,6 +80,9 @@ pub struct StagedInfo {
     pub(super) freeze: Arc<tokio::sync::RwLock<()>>,
     /// One publish of an item at a time; a flush that finds one in flight waits for it.
     pub(super) publishing: Arc<tokio::sync::Mutex<()>>,
+    /// Handles open on it (their [`OpenGuard`]s), counted under the staging lock when
+    /// made: an item a handle has open is never dropped, only loses its name.
+    pub(super) opens: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The running digest of a staged file written sequentially from its start (what `cp`
@@ -131,9 +134,31 @@ pub struct StagedHandle {
     pub(super) writer: Option<WriterLock>,
     /// Something was written through this handle: its last release may publish.
     pub(super) wrote: bool,
+    /// Counts this handle on its item.
+    pub(super) open: OpenGuard,
+}
+
+/// One handle open on a staged item (see `StagedInfo::opens`); dropped with it.
+pub struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl StagedInfo {
+    /// Counts a new handle on the item (take it under the staging lock).
+    pub(super) fn open_guard(&self) -> OpenGuard {
+        self.opens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OpenGuard(self.opens.clone())
+    }
+
+    /// Handles open on it.
+    pub(super) fn open_count(&self) -> usize {
+        self.opens.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// A dot-name (a temporary file of rsync or an editor): staged, never published
     /// until renamed to a plain name.
     pub fn hidden(&self) -> bool {
@@ -176,6 +201,7 @@ impl StagedInfo {
             phase: Phase::Fresh,
             freeze: Arc::default(),
             publishing: Arc::default(),
+            opens: Arc::default(),
         }
     }
 }
@@ -359,7 +385,12 @@ impl Core {
         name: String,
         file: File,
         opener: Option<u32>,
+        open: Option<OpenGuard>,
     ) -> Result<Handle, FsError> {
+        let open = match open {
+            Some(g) => g,
+            None => self.open_guard(&id)?,
+        };
         let writer = self.writer_lock(&id)?;
         Ok(Handle::Staged(Mutex::new(StagedHandle {
             id,
@@ -369,7 +400,17 @@ impl Core {
             opener,
             writer,
             wrote: false,
+            open,
         })))
+    }
+
+    /// Counts a new handle on staged item `id`; `Stale` when it was dropped meanwhile
+    /// (replaced by a new version: the kernel looks the name up again).
+    pub(in crate::fs) fn open_guard(&self, id: &str) -> Result<OpenGuard, FsError> {
+        match lock(&self.staging).items.get(id) {
+            Some(i) => Ok(i.open_guard()),
+            None => Err(FsError::Stale),
+        }
     }
 
     pub(in crate::fs) fn writer_lock(&self, id: &str) -> Result<Option<WriterLock>, FsError> {
@@ -447,14 +488,6 @@ impl Core {
     /// The freeze lock of a staged item, if it is staged.
     pub(in crate::fs) fn freeze_of(&self, id: &str) -> Option<Arc<tokio::sync::RwLock<()>>> {
         lock(&self.staging).items.get(id).map(|i| i.freeze.clone())
-    }
-
-    /// Whether a handle has staged item `id` open.
-    pub(in crate::fs) fn is_open(&self, id: &str) -> bool {
-        lock(&self.handles).values().any(|h| match &**h {
-            Handle::Staged(m) => lock(m).id == id,
-            _ => false,
-        })
     }
 
     /// Number of staged items (for `status`).
