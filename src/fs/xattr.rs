@@ -69,13 +69,20 @@ pub fn listing(attrs: &[(String, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
+/// The name of an attribute the tree may have: `NoAttr` for any other, decided without
+/// a request or a wait (`ls -l` asks every file for two security.* and system.*
+/// attributes, none of which exist: the adapter answers those on the session thread).
+pub fn xattr_name(name: &OsStr) -> Result<&str, FsError> {
+    name.to_str()
+        .filter(|n| n.starts_with("user."))
+        .ok_or(FsError::NoAttr)
+}
+
 impl Core {
     /// One extended attribute's value (`NoAttr`: the node has no such attribute). The
     /// root's status document is computed only when it is asked for.
     pub async fn xattr(self: &Arc<Self>, ino: u64, name: &OsStr) -> Result<Vec<u8>, FsError> {
-        // `ls -l` asks every file for security.* and system.* attributes: none exist.
-        let name = name.to_str().filter(|n| n.starts_with("user."));
-        let name = name.ok_or(FsError::NoAttr)?;
+        let name = xattr_name(name)?;
         if name == status::STATUS_XATTR && self.node(ino)? == Node::Root {
             return Ok(serde_json::to_vec_pretty(&self.status().await).unwrap_or_default());
         }

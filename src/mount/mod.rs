@@ -584,6 +584,10 @@ impl Filesystem for FuseFs {
         size: u32,
         reply: ReplyXattr,
     ) {
+        // Names the tree never has are answered here, without a task's round trip.
+        if let Err(e) = crate::fs::xattr::xattr_name(name) {
+            return reply.error(e.errno());
+        }
         let (core, name) = (self.core.clone(), name.to_owned());
         let work = async move { core.xattr(ino, &name).await };
         self.spawn("getxattr", ino, reply, work, move |v, reply| {
