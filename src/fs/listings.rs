@@ -242,7 +242,7 @@ impl Core {
                 "servers unreachable ({e}): files written now stay pending until they answer"
             );
         }
-        *off = Some(Instant::now());
+        *off = Some(Instant::now() + OFFLINE_RECHECK);
     }
 
     /// Something answered.
@@ -254,7 +254,15 @@ impl Core {
 
     /// The servers failed to answer less than [`OFFLINE_RECHECK`] ago.
     pub fn known_unreachable(&self) -> bool {
-        lock(&self.offline).is_some_and(|t| t.elapsed() < OFFLINE_RECHECK)
+        lock(&self.offline).is_some_and(|until| Instant::now() < until)
+    }
+
+    /// The next request asks the servers again (a retry round), while they stay marked
+    /// unreachable until something answers (no second warning meanwhile).
+    pub(crate) fn recheck_reachability(&self) {
+        if let Some(until) = lock(&self.offline).as_mut() {
+            *until = Instant::now();
+        }
     }
 
     /// The listing of a key (`None` is an error here: the caller knows it exists).

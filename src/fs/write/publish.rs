@@ -3,10 +3,10 @@
 //! kernel), the retries, and the count of publishes in flight that unmounting waits
 //! for.
 
-use super::super::{lock, Core, FsError, Handle, Node};
+use super::super::{lock, Core, FsError, Node};
 use super::staging::{EarlyUpload, Phase, Staging};
 use crate::digest::{adopt_hashed, Sha512};
-use crate::fs::listings::{is_offline, OFFLINE_RECHECK};
+use crate::fs::listings::is_offline;
 use crate::growing::Growing;
 use crate::naming::KEY_RESERVED;
 use crate::publish::{publish, PublishError};
@@ -325,28 +325,17 @@ impl Core {
     /// Publishes every pending item that no handle has open (`--retry-uploads`).
     /// Returns (published, failed).
     pub async fn retry_pending(self: &Arc<Self>) -> (usize, usize) {
-        let open: Vec<String> = lock(&self.handles)
-            .values()
-            .filter_map(|h| match &**h {
-                Handle::Staged(m) => Some(lock(m).id.clone()),
-                _ => None,
-            })
-            .collect();
+        // Items a handle has open are left to that handle's close.
         let ids: Vec<String> = lock(&self.staging)
             .items
             .iter()
-            .filter(|(id, i)| i.on_retry() && !open.contains(id))
+            .filter(|(_, i)| i.on_retry() && i.open_count() == 0)
             .map(|(id, _)| id.clone())
             .collect();
         let (mut ok, mut failed) = (0, 0);
         // A round asks the servers again (a failure as unreachable makes the rest of the
         // round fail at once: one timeout per round, not one per file).
-        {
-            let mut off = lock(&self.offline);
-            if let Some(t) = off.as_mut() {
-                *t = t.checked_sub(OFFLINE_RECHECK).unwrap_or(*t);
-            }
-        }
+        self.recheck_reachability();
         for id in ids {
             // An item another process (a second mount) has open for writing is left
             // alone; the claim keeps it from being opened for writing meanwhile.
