@@ -24,6 +24,11 @@ pub enum FsError {
     BadHandle,
     #[error("no such attribute")]
     NoAttr,
+    /// An attribute namespace the tree never has (`security.*`, `system.*`,
+    /// `trusted.*`): "not supported", which `ls -l` remembers per filesystem, where "no
+    /// such attribute" would make it ask again for every file.
+    #[error("attribute namespace not supported")]
+    XattrUnsupported,
     #[error("buffer too small")]
     Range,
     #[error("invalid argument: {0}")]
@@ -64,6 +69,7 @@ impl FsError {
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::BadHandle => libc::EBADF,
             FsError::NoAttr => libc::ENODATA,
+            FsError::XattrUnsupported => libc::EOPNOTSUPP,
             FsError::Range => libc::ERANGE,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::Busy(_) => libc::EBUSY,

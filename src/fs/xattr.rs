@@ -69,13 +69,20 @@ pub fn listing(attrs: &[(String, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-/// The name of an attribute the tree may have: `NoAttr` for any other, decided without
-/// a request or a wait (`ls -l` asks every file for two security.* and system.*
-/// attributes, none of which exist: the adapter answers those on the session thread).
+/// The name of an attribute the tree may have, decided without a request or a wait (the
+/// adapter answers the others on the session thread). Only `user.*` names exist; other
+/// namespaces (`security.*`, `system.*`, `trusted.*`) are not supported at all, which is
+/// what the answer says: `ls -l` asks every file for `security.selinux` and
+/// `system.posix_acl_access`, and remembers "not supported" for the whole filesystem
+/// where "no such attribute" would make it ask again for each of 20,000 files (40,000
+/// FUSE round trips for a warm `ls -l` of a big key).
 pub fn xattr_name(name: &OsStr) -> Result<&str, FsError> {
-    name.to_str()
-        .filter(|n| n.starts_with("user."))
-        .ok_or(FsError::NoAttr)
+    let name = name.to_str().ok_or(FsError::NoAttr)?;
+    if name.starts_with("user.") {
+        Ok(name)
+    } else {
+        Err(FsError::XattrUnsupported)
+    }
 }
 
 impl Core {
@@ -194,6 +201,15 @@ mod tests {
         assert!(get(&format!("user.shadir.{long_name}")).is_none());
         assert!(get("user.shadir.big").is_none());
         assert!(listing(&attrs).len() <= SIZE_MAX);
+    }
+
+    #[test]
+    fn other_namespaces_are_not_supported_and_missing_user_names_absent() {
+        for n in ["security.selinux", "system.posix_acl_access", "trusted.x"] {
+            let e = xattr_name(OsStr::new(n)).unwrap_err();
+            assert_eq!(e.errno(), libc::EOPNOTSUPP, "{n}");
+        }
+        assert_eq!(xattr_name(OsStr::new("user.a")).unwrap(), "user.a");
     }
 
     #[test]

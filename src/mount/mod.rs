@@ -80,7 +80,7 @@ fail_for!(
 fn errno(op: &str, e: &FsError) -> i32 {
     let errno = e.errno();
     match e {
-        FsError::NotFound | FsError::NoAttr | FsError::Range => {}
+        FsError::NotFound | FsError::NoAttr | FsError::XattrUnsupported | FsError::Range => {}
         _ => tracing::debug!("{op}: {e} (errno {errno})"),
     }
     errno

@@ -106,6 +106,17 @@ fn names(list: &[&str]) -> BTreeSet<String> {
 
 /// Reads a file, failing the test (not hanging) when it takes over `CMD_TIMEOUT`.
 #[track_caller]
+/// The errno of `lgetxattr(path, name)`, `None` when it succeeds.
+fn lgetxattr_errno(path: &Path, name: &str) -> Option<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
 fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     let p = path.to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -420,6 +431,21 @@ fn browse(b: &mut dyn Backend) {
         text.contains("user.shadir.signer=\"shacachefs-fixture-a\""),
         "{text}"
     );
+
+    // Namespaces the tree never has answer "not supported" (which `ls -l` remembers for
+    // the whole filesystem), names of `user.*` it does not have "no such attribute".
+    for (name, errno) in [
+        ("security.selinux", libc::EOPNOTSUPP),
+        ("system.posix_acl_access", libc::EOPNOTSUPP),
+        ("trusted.overlay.opaque", libc::EOPNOTSUPP),
+        ("user.no-such-attribute", libc::ENODATA),
+    ] {
+        assert_eq!(
+            lgetxattr_errno(&dir.join("hello.txt"), name),
+            Some(errno),
+            "lgetxattr {name}"
+        );
+    }
 
     let latest = dir.join("latest");
     assert!(std::fs::symlink_metadata(&latest)
