@@ -240,23 +240,29 @@ pub fn entries_json(files: &[(String, TrustedEntry)]) -> Value {
 /// indent 2)` and a newline, written piece by piece. Building the [`entries_json`]
 /// `Value` first clones every entry's metadata: for a key of 20,000 entries that
 /// document was 28 MB of the daemon's 113 MB heap peak (heaptrack, BENCHMARKS.md).
-pub fn entries_json_text(files: &[(String, TrustedEntry)]) -> String {
+pub fn entries_json_text<'a, N, E>(files: impl ExactSizeIterator<Item = (&'a N, &'a E)>) -> String
+where
+    N: AsRef<str> + ?Sized + 'a,
+    E: std::borrow::Borrow<TrustedEntry> + 'a,
+{
     use crate::pyjson::{write_object, write_string, Style};
     let style = Style {
         indent: Some(2),
         sort_keys: false,
     };
-    if files.is_empty() {
+    let n = files.len();
+    if n == 0 {
         return "[]\n".to_string();
     }
-    let mut out = String::with_capacity(files.len() * 512);
+    let mut out = String::with_capacity(n * 512);
     out.push('[');
-    for (i, (name, e)) in files.iter().enumerate() {
+    for (i, (name, e)) in files.enumerate() {
+        let e: &TrustedEntry = e.borrow();
         if i > 0 {
             out.push(',');
         }
         out.push_str("\n  {\n    \"name\": ");
-        write_string(&mut out, name);
+        write_string(&mut out, name.as_ref());
         out.push_str(",\n    \"sha512\": \"");
         out.push_str(&e.info.sha512.hex());
         out.push_str("\",\n    \"metadata\": ");
@@ -359,7 +365,8 @@ mod tests {
         };
         for n in 0..=files.len() {
             let want = crate::pyjson::dumps_with(&entries_json(&files[..n]), style) + "\n";
-            assert_eq!(entries_json_text(&files[..n]), want, "{n} entries");
+            let pairs = files[..n].iter().map(|(n, e)| (n, e));
+            assert_eq!(entries_json_text(pairs), want, "{n} entries");
         }
     }
 }

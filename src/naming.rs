@@ -183,8 +183,19 @@ pub trait Nameable {
     }
 }
 
+/// Shared entries name like the entries themselves (a publish renames a listing's
+/// entries without copying them).
+impl<T: Nameable + ?Sized> Nameable for std::sync::Arc<T> {
+    fn sha512(&self) -> Sha512 {
+        (**self).sha512()
+    }
+    fn metadata(&self) -> &Map<String, Value> {
+        (**self).metadata()
+    }
+}
+
 /// Newest first: larger timestamp, entries without one last, then smaller SHA-512.
-fn newest_first<E: Nameable>(a: &E, b: &E) -> Ordering {
+pub fn newest_first<E: Nameable>(a: &E, b: &E) -> Ordering {
     let ta = a.timestamp().filter(|t| !t.is_nan());
     let tb = b.timestamp().filter(|t| !t.is_nan());
     match (ta, tb) {

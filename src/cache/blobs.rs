@@ -49,6 +49,10 @@ pub(crate) struct BlobStore {
     max_bytes: u64,
     index: Mutex<LruIndex>,
     syncs: Arc<Syncs>,
+    /// The queue to the one thread that runs the background fsyncs, started with the
+    /// first (a thread per blob cost a `clone3` per small file copied in); the thread
+    /// ends when this store is dropped and the queue is empty.
+    sync_queue: Mutex<Option<std::sync::mpsc::Sender<PathBuf>>>,
 }
 
 /// The background fsyncs of blobs not yet done (see [`BlobStore::insert`]).
@@ -64,6 +68,14 @@ struct Syncs {
 impl Syncs {
     fn lock(&self) -> MutexGuard<'_, usize> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn finished_one(&self) {
+        let mut pending = self.lock();
+        *pending -= 1;
+        if *pending == 0 {
+            self.done.notify_all();
+        }
     }
 }
 
@@ -103,6 +115,7 @@ impl BlobStore {
             max_bytes,
             index: Mutex::new(index),
             syncs: Arc::new(Syncs::default()),
+            sync_queue: Mutex::new(None),
         };
         let mut ix = store.lock();
         store.evict(&mut ix, None);
@@ -197,21 +210,43 @@ impl BlobStore {
     }
 
     fn sync_in_background(&self, path: PathBuf) {
+        *self.syncs.lock() += 1;
+        let mut queue = self.sync_queue.lock().unwrap_or_else(|e| e.into_inner());
+        let path = match queue.as_ref() {
+            Some(q) => match q.send(path) {
+                Ok(()) => return,
+                // The thread is gone (it panicked): a new one.
+                Err(std::sync::mpsc::SendError(path)) => path,
+            },
+            None => path,
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
         let syncs = Arc::clone(&self.syncs);
-        *syncs.lock() += 1;
-        std::thread::spawn(move || {
-            #[cfg(test)]
-            {
-                let delay = *syncs.delay.lock().unwrap_or_else(|e| e.into_inner());
-                std::thread::sleep(delay);
+        let started = std::thread::Builder::new()
+            .name("blob-fsync".into())
+            .spawn(move || {
+                for path in rx {
+                    #[cfg(test)]
+                    {
+                        let delay = *syncs.delay.lock().unwrap_or_else(|e| e.into_inner());
+                        std::thread::sleep(delay);
+                    }
+                    let _ = File::open(&path).and_then(|f| f.sync_all());
+                    syncs.finished_one();
+                }
+            });
+        match started {
+            Ok(_) => {
+                let _ = tx.send(path);
+                *queue = Some(tx);
             }
-            let _ = File::open(&path).and_then(|f| f.sync_all());
-            let mut pending = syncs.lock();
-            *pending -= 1;
-            if *pending == 0 {
-                syncs.done.notify_all();
+            // No thread: this one is synced now rather than never.
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for background fsyncs: syncing now");
+                let _ = File::open(&path).and_then(|f| f.sync_all());
+                self.syncs.finished_one();
             }
-        });
+        }
     }
 
     /// Waits at most `limit` for the background fsyncs started so far; true when none

@@ -491,6 +491,11 @@ impl Cache {
         self.tables.store_dir_answer(key, body)
     }
 
+    /// See [`Tables::mark_dir_answer_stale`](tables::Tables::mark_dir_answer_stale).
+    pub fn mark_dir_answer_stale(&self, key: &str) {
+        self.tables.mark_dir_answer_stale(key)
+    }
+
     /// Writes the in-memory tables to disk (atomically). Also done at most a minute
     /// after a change, and when the cache is dropped.
     pub fn flush(&self) -> Result<(), CacheError> {

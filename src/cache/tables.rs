@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Sizes and first-seen times recorded since the last flush are written at the latest
 /// this long after, on the next call that records one (so a crash loses little).
@@ -113,6 +113,11 @@ fn key_file_name(key: &str) -> String {
     format!("{}.json", Sha512::of(key.as_bytes()).short(32))
 }
 
+/// Beside a saved answer: present while the answer is known to be incomplete.
+fn stale_marker(key: &str) -> String {
+    format!("{}.stale", Sha512::of(key.as_bytes()).short(32))
+}
+
 impl Tables {
     /// Loads the tables; `ns_dir` (with its `dirs/`) must exist.
     pub(crate) fn load(v1: &Path, ns_dir: &Path, tmp: &Path) -> Tables {
@@ -193,13 +198,19 @@ impl Tables {
         }
     }
 
+    /// The answer saved for `key` and when it was fetched (the Unix epoch when a
+    /// publish marked it stale since: usable offline, never fresh).
     pub(crate) fn dir_answer(&self, key: &str) -> Option<(SystemTime, Option<Vec<u8>>)> {
         let path = self.dirs.join(key_file_name(key));
         let v = read_json(&path)?;
         if v.get("key").and_then(Value::as_str) != Some(key) {
             return None;
         }
-        let fetched = from_unix(v.get("fetched")?.as_f64()?);
+        let fetched = if self.dirs.join(stale_marker(key)).exists() {
+            UNIX_EPOCH
+        } else {
+            from_unix(v.get("fetched")?.as_f64()?)
+        };
         match v.get("status")?.as_u64()? {
             404 => Some((fetched, None)),
             200 => {
@@ -237,6 +248,23 @@ impl Tables {
         let path = self.dirs.join(key_file_name(key));
         if let Err(e) = write_replace(&self.tmp, &path, v.to_string().as_bytes()) {
             tracing::warn!(path = %path.display(), error = %e, "could not save a shadir answer");
+            return;
+        }
+        match std::fs::remove_file(self.dirs.join(stale_marker(key))) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(key, error = %e, "could not remove a stale marker");
+            }
+            _ => {}
+        }
+    }
+
+    /// The saved answer of `key` no longer says everything (a publish through this
+    /// mount, saved whole later): until it is saved again, a mount does not take it
+    /// as fresh. An empty marker file beside it, so that a publish costs no rewrite.
+    pub(crate) fn mark_dir_answer_stale(&self, key: &str) {
+        let path = self.dirs.join(stale_marker(key));
+        if let Err(e) = std::fs::File::create(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not mark a shadir answer stale");
         }
     }
 

@@ -140,6 +140,7 @@ pub async fn run(args: MountArgs, notifier: Option<Notifier>) -> Result<()> {
     let ran = tokio::task::spawn_blocking(move || session.run()).await?;
     // Releases the kernel sent as the last descriptors closed may still be publishing.
     core.settle(SETTLE_LIMIT).await;
+    core.save_listings();
     if let Err(e) = core.cache().close() {
         tracing::warn!("saving cache tables: {e}");
     }

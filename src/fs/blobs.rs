@@ -3,6 +3,7 @@
 //! blob however many openers, room in the cache reserved as bytes arrive). Unverified
 //! bytes never enter the cache (only a `VerifiedFile` can) and are never served.
 
+use super::listings::{return_freed_memory, BIG_LISTING};
 use super::{lock, Core, FsError, KeyListing};
 use crate::cache::BlobPin;
 use crate::digest::{Sha512, VerifiedFile};
@@ -50,13 +51,17 @@ impl Core {
         }
     }
 
-    /// Starts size probes for every blob of a listing whose size is not known yet.
+    /// Starts size probes for every blob of a listing whose size is not known yet, in
+    /// the listing's (name) order, which is the order `readdirplus` asks for them, and
+    /// `probe_concurrency` at a time from one task: a lookup of another name waits
+    /// behind the probes in flight, not behind every probe of the listing.
     pub(super) fn prefetch_sizes(self: &Arc<Self>, listing: &KeyListing) {
-        let unknown: HashSet<Sha512> = listing
+        let mut seen = HashSet::new();
+        let unknown: Vec<Sha512> = listing
             .files
             .values()
             .map(|f| f.entry.info.sha512)
-            .filter(|s| self.cache.size_of(s).is_none())
+            .filter(|s| self.cache.size_of(s).is_none() && seen.insert(*s))
             .collect();
         if unknown.is_empty() {
             return;
@@ -64,14 +69,29 @@ impl Core {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        for sha in unknown {
-            let core = self.clone();
-            rt.spawn(async move {
-                if let Err(e) = core.blob_size(&sha).await {
-                    tracing::debug!("size of {}: {e}", sha.short(16));
-                }
-            });
-        }
+        let width = Arc::new(tokio::sync::Semaphore::new(
+            self.opts.probe_concurrency.max(1),
+        ));
+        let core = self.clone();
+        let (many, all) = (unknown.len() >= BIG_LISTING, width.available_permits());
+        rt.spawn(async move {
+            for sha in unknown {
+                let Ok(permit) = width.clone().acquire_owned().await else {
+                    return;
+                };
+                let core = core.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = core.blob_size(&sha).await {
+                        tracing::debug!("size of {}: {e}", sha.short(16));
+                    }
+                    drop(permit);
+                });
+            }
+            // Thousands of requests leave their buffers freed in the heap: handed back.
+            if many && width.acquire_many(all as u32).await.is_ok() {
+                return_freed_memory();
+            }
+        });
     }
 
     pub(super) async fn entry_size(

@@ -58,7 +58,7 @@ impl Core {
             }
             Node::EntriesJson(key) => {
                 let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
-                Handle::Memory(listing.entries_json.clone())
+                Handle::Memory(listing.entries_json())
             }
             Node::Staged(id) => match self.published_node(&id) {
                 Some(Node::Entry { key, name, sha }) => {

@@ -6,6 +6,7 @@
 
 use crate::digest::Sha512;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The root's inode number (FUSE's).
 pub const ROOT_INO: u64 = 1;
@@ -34,11 +35,12 @@ pub enum Node {
     Staged(String),
 }
 
-/// Node ↔ inode number. Numbers are never reused within a mount.
+/// Node ↔ inode number. Numbers are never reused within a mount. Each node is held
+/// once, shared by both maps (a big key's entries are 20,000 nodes).
 #[derive(Debug)]
 pub struct Inodes {
-    by_node: HashMap<Node, u64>,
-    by_ino: HashMap<u64, Node>,
+    by_node: HashMap<Arc<Node>, u64>,
+    by_ino: HashMap<u64, Arc<Node>>,
     next: u64,
 }
 
@@ -49,8 +51,9 @@ impl Default for Inodes {
             by_ino: HashMap::new(),
             next: ROOT_INO + 1,
         };
-        t.by_node.insert(Node::Root, ROOT_INO);
-        t.by_ino.insert(ROOT_INO, Node::Root);
+        let root = Arc::new(Node::Root);
+        t.by_node.insert(root.clone(), ROOT_INO);
+        t.by_ino.insert(ROOT_INO, root);
         t
     }
 }
@@ -63,13 +66,14 @@ impl Inodes {
         }
         let i = self.next;
         self.next += 1;
+        let node = Arc::new(node.clone());
         self.by_node.insert(node.clone(), i);
-        self.by_ino.insert(i, node.clone());
+        self.by_ino.insert(i, node);
         i
     }
 
     pub fn node(&self, ino: u64) -> Option<&Node> {
-        self.by_ino.get(&ino)
+        self.by_ino.get(&ino).map(|n| &**n)
     }
 
     /// The inode of a node the kernel was already shown, without allocating one.
@@ -83,8 +87,8 @@ impl Inodes {
     /// for the old inode (a passthrough backing file still held by older opens).
     pub fn retire(&mut self, ino: u64) {
         if let Some(node) = self.by_ino.get(&ino) {
-            if self.by_node.get(node) == Some(&ino) {
-                self.by_node.remove(node);
+            if self.by_node.get(&**node) == Some(&ino) {
+                self.by_node.remove(&**node);
             }
         }
     }

@@ -10,13 +10,13 @@
 use super::{lock, Core, FsError, Node, Notice};
 use crate::client::{entries_json_text, select_trusted, TrustedEntry};
 use crate::digest::Sha512;
-use crate::naming::{key_dir_name, key_from_dir_name, name_entries};
+use crate::naming::{key_dir_name, key_from_dir_name, label, name_entries, newest_first, Nameable};
 use crate::remote::{DirListing, RemoteError};
 use crate::wire::{parse_listing, Listing, RawEntry};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
@@ -26,15 +26,65 @@ pub struct KeyListing {
     fetched: Instant,
     pub files: BTreeMap<String, FileEntry>,
     pub latest: Option<String>,
-    pub entries_json: Arc<Vec<u8>>,
+    /// The size of `.entries.json`, known once asked for. The document itself is
+    /// written at each open and freed at the last close, never kept with the listing:
+    /// it is as big as the shadir answer (10 MB of a 20,000-entry key's 69 MB heap
+    /// peak when it was), and most listings (a refresh, each publish of a `cp` of many
+    /// files) are never asked for it.
+    entries_json_len: OnceLock<u64>,
 }
 
-/// A file of a key directory.
+impl KeyListing {
+    /// The `.entries.json` document of this listing (the same bytes at every call).
+    pub fn entries_json(&self) -> Arc<Vec<u8>> {
+        let files = self.files.iter().map(|(n, f)| (n.as_str(), &f.entry));
+        let doc = entries_json_text(files).into_bytes();
+        let _ = self.entries_json_len.set(doc.len() as u64);
+        Arc::new(doc)
+    }
+
+    /// The size of [`KeyListing::entries_json`].
+    pub fn entries_json_len(&self) -> u64 {
+        match self.entries_json_len.get() {
+            Some(n) => *n,
+            // (Recorded by `entries_json`.)
+            None => self.entries_json().len() as u64,
+        }
+    }
+
+    /// The entries as a shadir body (for the on-disk copy): `[[inner, signature], …]`.
+    fn body(&self) -> Vec<u8> {
+        listing_body(self.files.values().map(|f| &f.entry.raw))
+    }
+}
+
+/// A file of a key directory. The entry is shared: a publish renames a listing's
+/// entries without parsing or copying them again.
 #[derive(Debug, Clone)]
 pub struct FileEntry {
-    pub entry: TrustedEntry,
+    pub entry: Arc<TrustedEntry>,
     pub mtime: SystemTime,
 }
+
+/// A listing this big leaves megabytes of transients behind (the answer's body, its
+/// parse): handed back to the system once it is built.
+pub(super) const BIG_LISTING: usize = 1000;
+
+/// Gives the heap's free memory back to the system. glibc keeps what a big listing's
+/// build freed (a 20,000-entry key's answer and its parse, tens of MB) in the process
+/// for ever otherwise: the daemon's RSS stayed at its peak.
+pub(super) fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap memory; it takes the allocator's
+    // locks itself.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// How long after a publish the key's listing is saved whole in the cache (once for a
+/// burst of publishes, not once per file).
+pub(crate) const SAVE_AFTER_PUBLISH: Duration = Duration::from_secs(2);
 
 pub(super) enum KeyState {
     Listed(Arc<KeyListing>),
@@ -82,11 +132,9 @@ pub(super) fn mtime_of(listing: &KeyListing, name: &str, sha: &Sha512) -> Option
     }
 }
 
-/// A listing as a shadir body (for the on-disk copy): `[[inner, signature], …]`.
-pub(super) fn listing_body(l: &Listing) -> Vec<u8> {
-    let arr = l
-        .entries
-        .iter()
+/// Entries as a shadir body (for the on-disk copy): `[[inner, signature], …]`.
+pub(super) fn listing_body<'a>(entries: impl Iterator<Item = &'a RawEntry>) -> Vec<u8> {
+    let arr = entries
         .map(|e| {
             Value::Array(vec![
                 Value::String(e.inner.clone()),
@@ -141,6 +189,9 @@ impl Core {
 
     pub(super) fn remember(self: &Arc<Self>, key: &str, listing: Listing) -> Arc<KeyListing> {
         let built = Arc::new(self.build(key, listing));
+        if built.files.len() >= BIG_LISTING {
+            return_freed_memory();
+        }
         let old = lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
         if let Some(KeyState::Listed(old)) = old {
             self.tell_changes(key, &old, &built);
@@ -178,7 +229,14 @@ impl Core {
                     name: "latest".into(),
                 });
             }
-            if old.entries_json != new.entries_json {
+            // `.entries.json` changes with any entry (a name, a blob, metadata).
+            let same = old.files.len() == new.files.len()
+                && old.files.iter().all(|(name, f)| {
+                    new.files.get(name).is_some_and(|n| {
+                        Arc::ptr_eq(&n.entry, &f.entry) || n.entry.raw == f.entry.raw
+                    })
+                });
+            if !same {
                 if let Some(ino) = inodes.known(&Node::EntriesJson(key.to_string())) {
                     notices.push(Notice::Inode(ino));
                 }
@@ -191,8 +249,9 @@ impl Core {
 
     /// A publish through this mount: its signed entry joins the key's listing in memory
     /// at once (verified like any other; the kernel told about the name), without
-    /// fetching the key again. The next refresh after the TTL reconciles with shadir.
-    /// A key not listed yet is fetched.
+    /// fetching the key again. Only the new entry is verified and parsed; the others
+    /// are renamed as they are (shared). The next refresh after the TTL reconciles with
+    /// shadir. A key not listed yet is fetched.
     pub(crate) async fn insert_published(self: &Arc<Self>, key: &str, entry: RawEntry) {
         let _guard = self.key_locks.lock(&key.to_string()).await;
         let listed = match lock(&self.keys).get(key) {
@@ -209,22 +268,155 @@ impl Core {
                 return;
             }
         };
-        let mut entries: Vec<RawEntry> = old.files.values().map(|f| f.entry.raw.clone()).collect();
-        entries.push(entry);
-        let listing = Listing {
-            entries,
+        let one = Listing {
+            entries: vec![entry],
             rejected: Vec::new(),
         };
-        // The copy on disk too: a mount started within the TTL uses it instead of asking,
-        // and must see this publish.
-        self.cache
-            .store_dir_answer(key, Some(&listing_body(&listing)));
-        let mut built = self.build(key, listing);
-        built.fetched = old.fetched;
-        let built = Arc::new(built);
-        lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
-        self.tell_changes(key, &old, &built);
-        self.prefetch_sizes(&built);
+        let (trusted, hidden) = select_trusted(one, &self.client.verifier);
+        self.log_hidden(key, hidden);
+        let Some(new) = trusted.into_iter().next().map(Arc::new) else {
+            return;
+        };
+        let built = match self.with_new_label(key, &old, &new) {
+            // A new name: nothing else of the listing changes.
+            Some((built, name)) => {
+                let built = Arc::new(built);
+                lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
+                self.tell_new_name(key, &name, &old, &built);
+                built
+            }
+            None => {
+                let mut entries: Vec<Arc<TrustedEntry>> =
+                    old.files.values().map(|f| f.entry.clone()).collect();
+                entries.push(new);
+                let built = Arc::new(self.assemble(key, entries, old.fetched));
+                lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
+                self.tell_changes(key, &old, &built);
+                self.prefetch_sizes(&built);
+                built
+            }
+        };
+        drop(built);
+        // The copy on disk: marked stale now (a mount started meanwhile asks shadir
+        // rather than trust a copy without this publish), saved whole a little later.
+        self.cache.mark_dir_answer_stale(key);
+        self.save_listing_soon(key);
+    }
+
+    /// `old` with `e` added, when naming it needs no other entry: its label is new to
+    /// the key and holds no `~` (so it cannot meet another entry's versioned name), so
+    /// it shows under its bare label and every other name stays. The common case of a
+    /// `cp` of many files into a key, in O(log n) instead of renaming the whole key.
+    /// `None` when the whole listing must be named again.
+    fn with_new_label(
+        &self,
+        key: &str,
+        old: &KeyListing,
+        e: &Arc<TrustedEntry>,
+    ) -> Option<(KeyListing, String)> {
+        let name = label(&e.info.metadata, &e.info.sha512);
+        if name.contains('~') || old.files.contains_key(&name) {
+            return None;
+        }
+        let mut files = old.files.clone();
+        let mtime = e
+            .info
+            .timestamp()
+            .and_then(time_of)
+            .unwrap_or_else(|| self.cache.first_seen(key, &e.info.sha512));
+        // `latest`: the newest entry with a timestamp, the first name on a tie.
+        let newer = e.timestamp().is_some_and(|t| !t.is_nan())
+            && match old
+                .latest
+                .as_ref()
+                .and_then(|l| Some((l, old.files.get(l)?)))
+            {
+                None => true,
+                Some((l, f)) => match newest_first(e, &f.entry) {
+                    std::cmp::Ordering::Less => true,
+                    std::cmp::Ordering::Equal => name < *l,
+                    std::cmp::Ordering::Greater => false,
+                },
+            };
+        let latest = if newer {
+            Some(name.clone())
+        } else {
+            old.latest.clone()
+        };
+        files.insert(
+            name.clone(),
+            FileEntry {
+                entry: e.clone(),
+                mtime,
+            },
+        );
+        let listing = KeyListing {
+            fetched: old.fetched,
+            files,
+            latest,
+            entries_json_len: OnceLock::new(),
+        };
+        Some((listing, name))
+    }
+
+    /// The kernel's view after [`Core::with_new_label`]: the new name (a negative
+    /// entry it may hold), `latest` when it moved, `.entries.json`.
+    fn tell_new_name(&self, key: &str, name: &str, old: &KeyListing, new: &KeyListing) {
+        let mut notices = Vec::new();
+        {
+            let inodes = lock(&self.inodes);
+            let Some(parent) = inodes.known(&Node::Key(key.to_string())) else {
+                return;
+            };
+            notices.push(Notice::Entry {
+                parent,
+                name: name.to_string(),
+            });
+            if old.latest != new.latest {
+                if let Some(ino) = inodes.known(&Node::Latest(key.to_string())) {
+                    notices.push(Notice::Inode(ino));
+                }
+                notices.push(Notice::Entry {
+                    parent,
+                    name: "latest".into(),
+                });
+            }
+            if let Some(ino) = inodes.known(&Node::EntriesJson(key.to_string())) {
+                notices.push(Notice::Inode(ino));
+            }
+        }
+        for n in notices {
+            self.notify(n);
+        }
+    }
+
+    /// Saves `key`'s listing in the cache [`SAVE_AFTER_PUBLISH`] from now, once for
+    /// all the publishes meanwhile.
+    fn save_listing_soon(self: &Arc<Self>, key: &str) {
+        if !lock(&self.unsaved).insert(key.to_string()) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return self.save_listings();
+        };
+        let core = Arc::downgrade(self);
+        rt.spawn(async move {
+            tokio::time::sleep(SAVE_AFTER_PUBLISH).await;
+            if let Some(core) = core.upgrade() {
+                core.save_listings();
+            }
+        });
+    }
+
+    /// Saves the listings changed by publishes since they were last saved (also at
+    /// unmount).
+    pub fn save_listings(&self) {
+        let keys: Vec<String> = lock(&self.unsaved).drain().collect();
+        for key in keys {
+            if let Some(l) = self.stale_listing(&key) {
+                self.cache.store_dir_answer(&key, Some(&l.body()));
+            }
+        }
     }
 
     /// The trusted, named entries of a key; `None` when shadir does not know the key.
@@ -314,7 +506,9 @@ impl Core {
         }
         match answer {
             Ok(DirListing::Found(l)) => {
-                self.cache.store_dir_answer(key, Some(&listing_body(&l)));
+                self.cache
+                    .store_dir_answer(key, Some(&listing_body(l.entries.iter())));
+                lock(&self.unsaved).remove(key);
                 self.cache.add_known_key(key);
                 Ok(Some(self.remember(key, l)))
             }
@@ -333,11 +527,7 @@ impl Core {
                 let saved = self
                     .stale_listing(key)
                     .map(|l| Listing {
-                        entries: l
-                            .files
-                            .values()
-                            .map(|f| f.entry.raw.clone())
-                            .collect::<Vec<RawEntry>>(),
+                        entries: l.files.values().map(|f| f.entry.raw.clone()).collect(),
                         rejected: Vec::new(),
                     })
                     .or_else(|| match self.cache.dir_answer(key) {
@@ -375,18 +565,26 @@ impl Core {
 
     pub(super) fn build(&self, key: &str, listing: Listing) -> KeyListing {
         let (trusted, hidden) = select_trusted(listing, &self.client.verifier);
-        {
-            let mut logged = lock(&self.logged_hidden);
-            for h in hidden {
-                if logged.insert((key.to_string(), h.excerpt.clone())) {
-                    tracing::debug!("key {key}: entry hidden ({}): {}", h.reason, h.excerpt);
-                }
+        self.log_hidden(key, hidden);
+        let entries = trusted.into_iter().map(Arc::new).collect();
+        self.assemble(key, entries, Instant::now())
+    }
+
+    fn log_hidden(&self, key: &str, hidden: Vec<crate::client::Hidden>) {
+        if hidden.is_empty() {
+            return;
+        }
+        let mut logged = lock(&self.logged_hidden);
+        for h in hidden {
+            if logged.insert((key.to_string(), h.excerpt.clone())) {
+                tracing::debug!("key {key}: entry hidden ({}): {}", h.reason, h.excerpt);
             }
         }
-        let named = name_entries(trusted);
-        // Written directly (no `Value` of the whole document), then the entries moved
-        // into the map, not cloned: both were large parts of a big key's memory peak.
-        let json = entries_json_text(&named.files);
+    }
+
+    /// Trusted entries named into a listing.
+    fn assemble(&self, key: &str, entries: Vec<Arc<TrustedEntry>>, fetched: Instant) -> KeyListing {
+        let named = name_entries(entries);
         let mut files = BTreeMap::new();
         for (name, entry) in named.files {
             let mtime = entry
@@ -397,10 +595,10 @@ impl Core {
             files.insert(name, FileEntry { entry, mtime });
         }
         KeyListing {
-            fetched: Instant::now(),
+            fetched,
             files,
             latest: named.latest,
-            entries_json: Arc::new(json.into_bytes()),
+            entries_json_len: OnceLock::new(),
         }
     }
 }

@@ -128,6 +128,8 @@ pub struct Stats {
     pub dir_requests: AtomicU64,
     /// Directory listings built for the kernel (one per `opendir`).
     pub dir_listings: AtomicU64,
+    /// Names looked up by the kernel (directory reads with attributes spare most).
+    pub lookups: AtomicU64,
     pub probes: AtomicU64,
     pub bytes_uploaded: AtomicU64,
     pub published: AtomicU64,
@@ -160,6 +162,8 @@ pub struct Core {
     next_fh: AtomicU64,
     started: SystemTime,
     logged_hidden: Mutex<HashSet<(String, String)>>,
+    /// Keys whose listing changed by a publish since it was last saved in the cache.
+    unsaved: Mutex<HashSet<String>>,
     outbox: Option<crate::outbox::Outbox>,
     staging: Mutex<write::Staging>,
     invalidator: std::sync::OnceLock<Invalidator>,
@@ -237,6 +241,7 @@ impl Core {
             next_fh: AtomicU64::new(1),
             started: SystemTime::now(),
             logged_hidden: Mutex::new(HashSet::new()),
+            unsaved: Mutex::new(HashSet::new()),
             stats: Stats::default(),
             opts,
         })

@@ -72,6 +72,7 @@ impl Core {
             },
             "shadir_requests": s.dir_requests.load(Ordering::Relaxed),
             "directory_listings": s.dir_listings.load(Ordering::Relaxed),
+            "lookups": s.lookups.load(Ordering::Relaxed),
             "signature_verifications": self.client.verifier.verifications(),
             "size_probes": s.probes.load(Ordering::Relaxed),
             "outbox_pending": self.pending_count(),

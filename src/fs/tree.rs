@@ -50,6 +50,7 @@ impl Core {
         parent: u64,
         name: impl AsRef<OsStr>,
     ) -> Result<Attr, FsError> {
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let name = existing(name.as_ref())?;
         match self.node(parent)? {
             Node::Root => {
@@ -109,7 +110,7 @@ impl Core {
         }
         if name == ".entries.json" {
             let ino = self.ino(&Node::EntriesJson(key.to_string()));
-            return Ok(self.file_attr(ino, listing.entries_json.len() as u64, self.started));
+            return Ok(self.file_attr(ino, listing.entries_json_len(), self.started));
         }
         let f = listing.files.get(name).ok_or(FsError::NotFound)?;
         let sha = f.entry.info.sha512;
@@ -178,6 +179,56 @@ impl Core {
             }
             Ok(Node::Staged(id)) => Some(self.staged_attr(&id)),
             Ok(Node::Latest(_) | Node::EntriesJson(_)) => None,
+        }
+    }
+
+    /// `lookup` answered from memory alone (a fresh listing, a known size), `None` when
+    /// it would need a request or a wait (then [`Core::lookup`]). Lets the adapter
+    /// answer on the session thread: an `ls -l` of a big key that the kernel has
+    /// forgotten is one LOOKUP a file. A staged name always takes the full path.
+    pub fn lookup_in_memory(&self, parent: u64, name: &OsStr) -> Option<Result<Attr, FsError>> {
+        let name = match existing(name) {
+            Ok(n) => n,
+            Err(e) => return Some(Err(e)),
+        };
+        let key = match self.node(parent) {
+            Err(e) => return Some(Err(e)),
+            Ok(Node::Key(key)) => key,
+            Ok(_) => return None,
+        };
+        if name == "latest" || name == ".entries.json" || self.staged_id(&key, name).is_some() {
+            return None;
+        }
+        let Some(Some(listing)) = self.fresh_state(&key) else {
+            return None;
+        };
+        let Some(f) = listing.files.get(name) else {
+            self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+            return Some(Err(FsError::NotFound));
+        };
+        let sha = f.entry.info.sha512;
+        let size = self.cache.size_of(&sha)?;
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+        let ino = self.ino(&Node::Entry {
+            key,
+            name: name.to_string(),
+            sha,
+        });
+        Some(Ok(self.file_attr(ino, size, f.mtime)))
+    }
+
+    /// Attributes that say nothing yet (size 0), for a directory entry whose own could
+    /// not be had in time: given to the kernel with no validity, so that it asks again
+    /// (`lookup`) before using them.
+    pub fn unknown_attr(&self, ino: u64, kind: Kind) -> Attr {
+        match kind {
+            Kind::Dir => self.dir_attr(ino, self.started),
+            Kind::File => self.file_attr(ino, 0, self.started),
+            Kind::Symlink => Attr {
+                kind: Kind::Symlink,
+                perm: 0o777,
+                ..self.file_attr(ino, 0, self.started)
+            },
         }
     }
 

@@ -845,6 +845,49 @@ fn listing_a_big_key_builds_it_once() {
     );
 }
 
+/// A cold `ls -l` of a big key gets the sizes with the directory entries (READDIRPLUS),
+/// not with one LOOKUP per file, and asks for no extended attribute per file; a blob
+/// whose size cannot be had shows as an error for that file alone, the others listed
+/// with their sizes.
+#[test]
+fn ls_l_of_a_big_key_gets_sizes_with_the_entries() {
+    let w = World::new();
+    let n = 2000;
+    let mut missing = None;
+    for i in 0..n {
+        let data = format!("{i:05}{}", "x".repeat(i % 700));
+        let sha = w.publish("big", &format!("f{i:05}"), data.as_bytes(), 1e9 + i as f64);
+        if i == 1234 {
+            missing = Some(sha);
+        }
+    }
+    // Size probes of that one blob find nothing (HEAD or GET).
+    let missing = missing.unwrap();
+    w.srv
+        .push_rule(Rule::new(Fault::Status(404)).path(&blob_target(&missing)));
+    let m = w.mount(&["--dir-ttl", "300"]);
+    let before = status(&m);
+    let out = cmd("ls", &["-l", m.path("big").to_str().unwrap()]);
+    // ls reports the one file it could not stat.
+    assert!(!out.success(), "{}", out.describe());
+    assert!(out.stderr_text().contains("f01234"), "{}", out.describe());
+    let text = out.stdout_text();
+    for i in (0..n).filter(|i| *i != 1234) {
+        let line = text
+            .lines()
+            .find(|l| l.ends_with(&format!(" f{i:05}")))
+            .unwrap_or_else(|| panic!("f{i:05} not listed:\n{text}"));
+        let size: u64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+        assert_eq!(size, 5 + (i % 700) as u64, "{line}");
+    }
+    let after = status(&m);
+    let lookups = after["lookups"].as_u64().unwrap() - before["lookups"].as_u64().unwrap();
+    assert!(
+        lookups < 20,
+        "{lookups} lookups for an ls -l of {n} entries: the sizes did not come with the entries"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Unmounting.
 

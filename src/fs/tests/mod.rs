@@ -104,6 +104,8 @@ impl Rig {
             _dir,
             cache_dir,
         } = self;
+        // What `mount` does once its session has ended.
+        core.save_listings();
         drop(core);
         Rig::at(store, _dir, cache_dir, |_| {})
     }

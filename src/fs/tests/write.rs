@@ -54,6 +54,71 @@ async fn a_mount_started_right_after_a_publish_shows_it() {
     assert!(names.contains(&"f".to_string()), "{names:?}");
 }
 
+/// A publish renames the listing's entries without verifying or parsing them again
+/// (the ones it did not change are the very same entries), and the copy of the listing
+/// saved in the cache is not rewritten per publish: marked stale at once, saved whole
+/// once the publishes pause.
+#[tokio::test(start_paused = true)]
+async fn a_publish_updates_the_listing_in_place_and_saves_it_once_later() {
+    let rig = Rig::new();
+    rig.cp("a", b"first").await.expect("close");
+    rig.names("k").await;
+    let before = rig.core.stale_listing("k").expect("listed");
+    let verified = rig.core.client.verifier.verifications();
+    let gets = rig.store.calls(Op::GetDir);
+    for i in 0..20 {
+        rig.cp(&format!("f{i:02}"), format!("data {i}").as_bytes())
+            .await
+            .expect("close");
+    }
+    let after = rig.core.stale_listing("k").expect("listed");
+    assert_eq!(after.files.len(), 21);
+    assert!(
+        Arc::ptr_eq(&before.files["a"].entry, &after.files["a"].entry),
+        "an entry the publishes did not change was parsed again"
+    );
+    assert_eq!(
+        rig.core.client.verifier.verifications() - verified,
+        20,
+        "one verification per publish"
+    );
+    assert_eq!(rig.store.calls(Op::GetDir), gets, "no fetch of the key");
+    // A new version of a name (renamed in full) and names that sort anywhere: the
+    // listing is what naming all the entries gives.
+    for name in ["a", "0", "zz", "f05", "m"] {
+        rig.cp(name, format!("again {name}").as_bytes())
+            .await
+            .expect("close");
+    }
+    let after = rig.core.stale_listing("k").expect("listed");
+    let all = crate::wire::Listing {
+        entries: rig.store.entries("k").expect("entries"),
+        rejected: Vec::new(),
+    };
+    let full = rig.core.build("k", all);
+    let shown = |l: &crate::fs::KeyListing| {
+        l.files
+            .iter()
+            .map(|(n, f)| (n.clone(), f.entry.info.sha512))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shown(&after), shown(&full));
+    assert_eq!(after.latest, full.latest);
+    assert_eq!(after.entries_json(), full.entries_json());
+    // The saved copy: not fresh while the publishes go on, whole after a pause.
+    let (when, _) = rig.core.cache.dir_answer("k").expect("saved");
+    assert_eq!(
+        when,
+        std::time::UNIX_EPOCH,
+        "the saved copy still looks fresh"
+    );
+    tokio::time::sleep(super::super::listings::SAVE_AFTER_PUBLISH * 2).await;
+    let (when, body) = rig.core.cache.dir_answer("k").expect("saved");
+    assert!(when > std::time::UNIX_EPOCH);
+    let saved = crate::wire::parse_listing(&body.expect("a body")).expect("a listing");
+    assert_eq!(saved.entries.len(), after.files.len());
+}
+
 #[tokio::test(start_paused = true)]
 async fn only_the_openers_flush_publishes_and_the_last_release_publishes_the_rest() {
     let rig = Rig::new();
