@@ -169,7 +169,12 @@ impl BlobStore {
             .max_bytes
             .saturating_sub(others)
             .saturating_sub(limit_bytes);
-        while let Some((sha, _)) = ix.pop_victim(budget, None) {
+        if ix.total() > budget || free()? < disk_bytes {
+            self.refresh_pins(ix);
+        }
+        let mut held = None;
+        let mut pinned = self.pin_check(&mut held);
+        while let Some((sha, _)) = ix.pop_victim(budget, None, &mut pinned) {
             unlink(&self.path_of(&sha));
         }
         // Bounded by the number of blobs: each round forgets one.
@@ -177,7 +182,7 @@ impl BlobStore {
             if free()? >= disk_bytes {
                 return Ok(());
             }
-            match ix.pop_any_victim(None) {
+            match ix.pop_any_victim(None, &mut pinned) {
                 Some((sha, _)) => unlink(&self.path_of(&sha)),
                 None => return Err(CacheError::NoSpace { needed: disk_bytes }),
             }
