@@ -28,6 +28,9 @@ pub enum FsError {
     Range,
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
+    /// An attribute this node cannot be given (`cp -a`, `rsync -X` go on without it).
+    #[error("operation not supported")]
+    Unsupported,
     #[error("busy: {0}")]
     Busy(&'static str),
     /// A name the tree cannot hold (not UTF-8).
@@ -66,6 +69,7 @@ impl FsError {
             FsError::NoAttr => libc::ENODATA,
             FsError::Range => libc::ERANGE,
             FsError::Invalid(_) => libc::EINVAL,
+            FsError::Unsupported => libc::EOPNOTSUPP,
             FsError::Busy(_) => libc::EBUSY,
             FsError::BadName => libc::EINVAL,
             FsError::OpenForReading => libc::ETXTBSY,
