@@ -476,6 +476,13 @@ impl Cache {
         self.blobs.pins.contains(sha)
     }
 
+    /// Every pinned blob (by any process; present in the cache or not).
+    pub fn pinned(&self) -> Vec<Sha512> {
+        let mut all: Vec<Sha512> = self.blobs.pins.read_all().into_iter().collect();
+        all.sort();
+        all
+    }
+
     /// Bytes of the pinned blobs present in the cache (counted in `usage` too).
     pub fn pinned_bytes(&self) -> u64 {
         self.blobs.kept_bytes()

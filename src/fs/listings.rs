@@ -83,7 +83,7 @@ pub(super) fn mtime_of(listing: &KeyListing, name: &str, sha: &Sha512) -> Option
 }
 
 /// A listing as a shadir body (for the on-disk copy): `[[inner, signature], …]`.
-pub(super) fn listing_body(l: &Listing) -> Vec<u8> {
+pub(crate) fn listing_body(l: &Listing) -> Vec<u8> {
     let arr = l
         .entries
         .iter()
