@@ -386,6 +386,10 @@ pub struct PrefetchArgs {
     /// (`setfattr -x user.shacachefs.pin FILE` in a mount).
     #[arg(long)]
     pub pin: bool,
+    /// Remove the pins of those entries instead (nothing is fetched; the blobs are then
+    /// evicted like any other).
+    #[arg(long, conflicts_with = "pin")]
+    pub unpin: bool,
     /// The shadir keys.
     #[arg(required = true, value_name = "KEY")]
     pub keys: Vec<String>,

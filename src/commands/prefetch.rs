@@ -1,7 +1,8 @@
-//! `shacachefs prefetch [--latest] [--pin] KEY…`: fetches the trusted entries of keys
-//! (or only the one `latest` points to) into the cache directory a mount uses,
+//! `shacachefs prefetch [--latest] [--pin | --unpin] KEY…`: fetches the trusted entries
+//! of keys (or only the one `latest` points to) into the cache directory a mount uses,
 //! verified, and pins them with `--pin`, so a node keeps working when it loses its
-//! network.
+//! network; `--unpin` removes those pins (fetching nothing). This is also how a
+//! read-only mount's blobs are pinned: the kernel refuses `setfattr` there (EROFS).
 //!
 //! Mounted or not: the cache directory is shared by design (every process holds its
 //! open lock shared; blobs are renamed into place whole; pins are files checked under
@@ -48,6 +49,9 @@ pub async fn run(args: PrefetchArgs) -> Result<()> {
     let mut failed = 0usize;
     for key in &args.keys {
         match prefetch_key(&client, &cache, key, &args).await {
+            Ok(done) if args.unpin => {
+                println!("{key}: {} blobs, {} unpinned", done.blobs, done.unpinned)
+            }
             Ok(done) => println!(
                 "{key}: {} blobs ({} bytes), {} fetched, {} pinned",
                 done.blobs, done.bytes, done.fetched, done.pinned
@@ -72,6 +76,7 @@ struct Done {
     bytes: u64,
     fetched: usize,
     pinned: usize,
+    unpinned: usize,
 }
 
 async fn prefetch_key(
@@ -110,6 +115,15 @@ async fn prefetch_key(
         blobs.entry(e.info.sha512).or_insert_with(|| name.clone());
     }
     let mut done = Done::default();
+    if args.unpin {
+        for sha in blobs.keys() {
+            done.blobs += 1;
+            if cache.unpin_blob(sha)? {
+                done.unpinned += 1;
+            }
+        }
+        return Ok(done);
+    }
     for (sha, name) in &blobs {
         let what = format!("{key}/{name}");
         let mut attempts = 0;

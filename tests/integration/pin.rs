@@ -267,6 +267,30 @@ fn a_running_mount_respects_pins_made_by_prefetch() {
         );
     }
     assert_eq!(pinned_bytes(&m), json!(4 * BLOB));
+    // `prefetch --unpin` from another process: the mount's next eviction frees the
+    // least recently used blobs down to its limit.
+    let out = cli(&[
+        "prefetch".as_ref(),
+        "-c".as_ref(),
+        w.cfg.as_os_str(),
+        "--cache-dir".as_ref(),
+        w.cache().as_os_str(),
+        "--unpin".as_ref(),
+        "k".as_ref(),
+    ]);
+    out.assert_success();
+    assert!(
+        out.stdout_text().contains("4 unpinned"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(pinned_bytes(&m), json!(0));
+    w.read_ok(&m, "d");
+    assert!(
+        !w.cached("a") && !w.cached("b"),
+        "unpinned elsewhere, then evicted"
+    );
+    assert!(w.cached("d"));
 }
 
 /// Reads a file through the mount (bounded), keeping the error.
