@@ -125,7 +125,8 @@ impl BlobStore {
     /// free space, less what downloads in flight still have to write, plus the closed
     /// blobs). Evicts nothing.
     pub(crate) fn could_hold(&self, bytes: u64) -> Result<(), CacheError> {
-        let ix = self.lock();
+        let mut ix = self.lock();
+        self.refresh_pins(&mut ix);
         let free = free_bytes(&self.fs_probe).map_err(|e| io_err(&self.fs_probe, e))?;
         let room = free
             .saturating_sub(ix.reserved().1)
@@ -161,6 +162,9 @@ impl BlobStore {
                 false => Err(CacheError::NoSpace { needed: disk_bytes }),
             };
         }
+        // Pins made by another process count from here on (one `stat` a call: a
+        // download asks once per MiB).
+        self.refresh_pins(ix);
         // Hopeless requests must not empty the cache on their way to failing.
         if free()?.saturating_add(ix.evictable_bytes(None)) < disk_bytes {
             return Err(CacheError::NoSpace { needed: disk_bytes });
@@ -169,9 +173,6 @@ impl BlobStore {
             .max_bytes
             .saturating_sub(others)
             .saturating_sub(limit_bytes);
-        if ix.total() > budget || free()? < disk_bytes {
-            self.refresh_pins(ix);
-        }
         let mut held = None;
         let mut pinned = self.pin_check(&mut held);
         while let Some((sha, _)) = ix.pop_victim(budget, None, &mut pinned) {
