@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::digest::HashingFile;
+use std::sync::atomic::Ordering;
 
 fn open(dir: &Path, max_bytes: u64) -> Arc<Cache> {
     Cache::open(CacheOptions {
@@ -142,4 +143,69 @@ fn fsck_keeps_pins_and_their_blobs() {
     let fsck = open(dir.path(), u64::MAX);
     fsck.fsck().unwrap();
     assert!(fsck.is_pinned(&good) && present(&fsck, &good));
+}
+
+/// Invariant: once `pin_blob` said the blob is in place, it stays, whatever another
+/// process evicts meanwhile. A bounded storm: one instance (a mount with a tiny
+/// limit) inserts blobs and evicts all the time, another (a `prefetch --pin`) pins
+/// blobs the first one just inserted, racing its evictions.
+#[test]
+fn a_pin_that_succeeded_is_never_evicted_by_another_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount = open(dir.path(), 400);
+    let prefetch = open(dir.path(), u64::MAX);
+    const BLOBS: usize = 300;
+    let bytes = |i: usize| format!("{i:0100}").into_bytes();
+    let latest = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inserter = {
+        let (mount, latest, done) = (Arc::clone(&mount), latest.clone(), done.clone());
+        std::thread::spawn(move || {
+            for i in 0..BLOBS {
+                let b = bytes(i);
+                let mut f = HashingFile::new_in(mount.tmp_dir()).unwrap();
+                f.write_all(&b).unwrap();
+                mount
+                    .insert_blob(f.verify(&Sha512::of(&b)).unwrap())
+                    .unwrap();
+                latest.store(i, Ordering::SeqCst);
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    // Pins the blob inserted last, again and again, until (and once after) the
+    // inserter is done; bounded by the number of blobs it tries.
+    let mut pinned: Vec<Sha512> = Vec::new();
+    let mut tried = 0usize;
+    loop {
+        let finished = done.load(Ordering::SeqCst);
+        let i = latest.load(Ordering::SeqCst);
+        let sha = Sha512::of(&bytes(i));
+        if i != usize::MAX && !pinned.contains(&sha) {
+            tried += 1;
+            if let Some((_file, _len, held)) = prefetch.open_blob(&sha).unwrap() {
+                if prefetch.pin_blob(&held).unwrap() {
+                    assert!(present(&prefetch, &sha), "pinned, yet gone at once");
+                    pinned.push(sha);
+                }
+            }
+        }
+        if finished || tried > 1000 * BLOBS {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    inserter.join().unwrap();
+    // The mount's eviction goes on after the storm too.
+    put(&mount, b'z', 100);
+    assert!(!pinned.is_empty(), "nothing pinned");
+    for sha in &pinned {
+        assert!(
+            present(&mount, sha),
+            "{} was pinned, then evicted",
+            sha.short(16)
+        );
+    }
+    let (used, _, _) = mount.usage();
+    assert!(used >= mount.pinned_bytes());
 }
