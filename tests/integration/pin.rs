@@ -298,3 +298,57 @@ fn read_result(path: &Path) -> std::io::Result<Vec<u8>> {
     let p = path.to_path_buf();
     bounded("reading through the mount", move || std::fs::read(p))
 }
+
+#[test]
+fn setfattr_on_latest_pins_the_blob_it_points_to() {
+    let w = World::new(&["old", "new"]);
+    let m = w.mount();
+    let latest = m.path("k/latest");
+    cmd(
+        "setfattr",
+        &["-n", PIN, "-v", "1", latest.to_str().unwrap()],
+    )
+    .assert_success();
+    assert!(w.pin_file("new").is_file() && w.cached("new"));
+    assert!(!w.pin_file("old").exists());
+    assert_eq!(getfattr(&latest), "1");
+    assert_eq!(getfattr(&m.path("k/old")), "0");
+    let sha_file = m.path(&format!(".sha512/{}", w.entry("new").1.hex()));
+    assert_eq!(
+        getfattr(&sha_file),
+        "1",
+        "the pin is on the blob, whatever its name"
+    );
+}
+
+#[test]
+fn a_read_only_mount_shows_pins_made_by_prefetch_and_refuses_setfattr() {
+    let w = World::new(&["a"]);
+    let ro_cfg = NetworkcacheConfig {
+        download_cache_url: Some(w.server.cache_url()),
+        download_dir_url: Some(w.server.dir_url()),
+        ..Default::default()
+    }
+    .trust(fixture("signature/signer-a.crt"))
+    .write(w.dir.path(), "ro.cfg");
+    let m = Mount::in_dir(&ro_cfg, w.dir.path(), &["-k", "k"]);
+    let a = m.path("k/a");
+    let out = cmd("setfattr", &["-n", PIN, "-v", "1", a.to_str().unwrap()]);
+    assert!(
+        out.stderr_text().contains("Read-only file system"),
+        "{}",
+        out.describe()
+    );
+    let out = cli(&[
+        "prefetch".as_ref(),
+        "-c".as_ref(),
+        ro_cfg.as_os_str(),
+        "--cache-dir".as_ref(),
+        w.cache().as_os_str(),
+        "--pin".as_ref(),
+        "k".as_ref(),
+    ]);
+    out.assert_success();
+    assert_eq!(getfattr(&a), "1");
+    w.read_ok(&m, "a");
+}
