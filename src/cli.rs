@@ -66,6 +66,13 @@ pub enum Command {
     /// Re-hash every cached blob and remove the ones that do not match their name.
     #[command(after_help = "Example:\n  shacachefs fsck --cache-dir /var/cache/shacachefs")]
     Fsck(FsckArgs),
+    /// Fetch the trusted entries of keys into the cache (mounted or not), pinned with --pin.
+    #[command(
+        after_help = "Examples:\n  shacachefs prefetch --latest --pin slapos-global-key   # keep it for offline use\n  \
+        shacachefs prefetch -c slapcache.cfg my-key other-key     # every entry, not pinned\n  \
+        setfattr -x user.shacachefs.pin /mnt/shacache/KEY/NAME    # unpin (or -n ... -v 0)"
+    )]
+    Prefetch(PrefetchArgs),
     /// What a running mount is doing: servers, cache, transfers, outbox.
     #[command(
         after_help = "Example:\n  shacachefs status /mnt/shacache\n  shacachefs status --json /mnt/shacache | jq .hits"
@@ -359,6 +366,33 @@ pub enum OutboxAction {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The cache directory (default as for `mount`).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Evict closed, unpinned blobs beyond SIZE to make room (default: only when the
+    /// disk is short; a mount keeps its own limit).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+    /// Only the entry `latest` points to (the newest with a numeric timestamp).
+    #[arg(long)]
+    pub latest: bool,
+    /// Pin the blobs: never evicted, across remounts, until unpinned
+    /// (`setfattr -x user.shacachefs.pin FILE` in a mount).
+    #[arg(long)]
+    pub pin: bool,
+    /// Remove the pins of those entries instead (nothing is fetched; the blobs are then
+    /// evicted like any other).
+    #[arg(long, conflicts_with = "pin")]
+    pub unpin: bool,
+    /// The shadir keys.
+    #[arg(required = true, value_name = "KEY")]
+    pub keys: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -87,6 +87,7 @@ fn main() -> ExitCode {
             Command::Keygen(a) => commands::keygen::run(a),
             Command::Outbox(a) => commands::outbox::run(a).await,
             Command::Fsck(a) => commands::fsck::run(a),
+            Command::Prefetch(a) => commands::prefetch::run(a).await,
             Command::Status(a) => commands::status::run(a),
             Command::Generate(a) => generate(&a.what),
         }

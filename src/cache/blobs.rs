@@ -22,6 +22,11 @@
 //! - Downloads reserve room as their bytes arrive ([`Reservation`]), never from a size
 //!   a server announced; every reservation in flight counts against the limit and
 //!   against the free space, so concurrent downloads evict for each other.
+//! - Persistently pinned blobs ([`super::pins`]) are never evicted: an eviction pass
+//!   over the limit first reads the pins again if their directory changed, then checks
+//!   each victim's pin file under the pins' shared lock before unlinking it. Pins alone
+//!   may exceed the limit: eviction then frees what is not pinned, and a download
+//!   still gets the room the disk has (as a blob larger than the limit does).
 
 mod room;
 mod scan;
@@ -30,6 +35,7 @@ pub use room::Reservation;
 use scan::scan;
 
 use super::index::LruIndex;
+use super::pins::{PinLock, Pins};
 use super::{BlobPin, CacheError};
 use crate::digest::{Sha512, VerifiedFile};
 use std::fs::{self, File};
@@ -53,6 +59,7 @@ pub(crate) struct BlobStore {
     /// first (a thread per blob cost a `clone3` per small file copied in); the thread
     /// ends when this store is dropped and the queue is empty.
     sync_queue: Mutex<Option<std::sync::mpsc::Sender<PathBuf>>>,
+    pub(crate) pins: Pins,
 }
 
 /// The background fsyncs of blobs not yet done (see [`BlobStore::insert`]).
@@ -96,11 +103,12 @@ fn unlink(path: &Path) {
 
 impl BlobStore {
     /// Scans `root` (created if missing) to rebuild the accounting, oldest first, then
-    /// evicts down to the limit.
+    /// evicts down to the limit (sparing pinned blobs).
     pub(crate) fn open(
         root: PathBuf,
         fs_probe: PathBuf,
         max_bytes: u64,
+        pins: Pins,
     ) -> Result<Self, CacheError> {
         super::disk::create_private_dir_all(&root).map_err(|e| io_err(&root, e))?;
         let mut found = scan(&root).map_err(|e| io_err(&root, e))?;
@@ -109,6 +117,7 @@ impl BlobStore {
         for f in found {
             index.insert(f.sha, f.len);
         }
+        index.set_kept(pins.changed().unwrap_or_default());
         let store = BlobStore {
             root,
             fs_probe,
@@ -116,6 +125,7 @@ impl BlobStore {
             index: Mutex::new(index),
             syncs: Arc::new(Syncs::default()),
             sync_queue: Mutex::new(None),
+            pins,
         };
         let mut ix = store.lock();
         store.evict(&mut ix, None);
@@ -136,9 +146,32 @@ impl BlobStore {
     /// The downloads in flight count against the limit: their blobs are coming.
     fn evict(&self, ix: &mut LruIndex, keep: Option<&Sha512>) {
         let budget = self.max_bytes.saturating_sub(ix.reserved().0);
-        while let Some((sha, size)) = ix.pop_victim(budget, keep) {
+        if ix.total() <= budget {
+            return;
+        }
+        self.refresh_pins(ix);
+        let mut held = None;
+        let mut pinned = self.pin_check(&mut held);
+        while let Some((sha, size)) = ix.pop_victim(budget, keep, &mut pinned) {
             tracing::debug!(sha = %sha.short(16), size, "evicting blob");
             unlink(&self.path_of(&sha));
+        }
+    }
+
+    /// Reads the pins again when their directory changed (by this process or another).
+    pub(crate) fn refresh_pins(&self, ix: &mut LruIndex) {
+        if let Some(kept) = self.pins.changed() {
+            ix.set_kept(kept);
+        }
+    }
+
+    /// The check an eviction makes before handing out a victim: is there a pin file?
+    /// The first check takes the pins' shared lock into `held`, which the caller keeps
+    /// until its unlinks are done (see [`super::pins`]).
+    fn pin_check<'a>(&'a self, held: &'a mut Option<PinLock>) -> impl FnMut(&Sha512) -> bool + 'a {
+        move |sha| {
+            held.get_or_insert_with(|| self.pins.lock(false));
+            self.pins.contains(sha)
         }
     }
 
@@ -391,6 +424,36 @@ impl BlobStore {
         if ix.unpin(sha, generation) {
             self.evict(&mut ix, None);
         }
+    }
+
+    /// Pins `sha` persistently (see [`super::pins`]); true when its file is in place
+    /// (false: another process evicted it before the pin was made; fetch it again).
+    pub(crate) fn keep(&self, sha: &Sha512) -> io::Result<bool> {
+        let path = self.path_of(sha);
+        // Not under the index lock: an eviction holding it may wait for the pins' lock.
+        let there = self.pins.add(sha, || {
+            fs::symlink_metadata(&path).is_ok_and(|m| m.is_file())
+        })?;
+        self.lock().keep(*sha, true);
+        Ok(there)
+    }
+
+    /// Removes the persistent pin of `sha` (true when there was one); the blob may be
+    /// evicted at once when the cache is over its limit.
+    pub(crate) fn unkeep(&self, sha: &Sha512) -> io::Result<bool> {
+        let was = self.pins.remove(sha)?;
+        let mut ix = self.lock();
+        ix.keep(*sha, false);
+        self.evict(&mut ix, None);
+        Ok(was)
+    }
+
+    /// Bytes of the persistently pinned blobs in the cache (pins read again if they
+    /// changed).
+    pub(crate) fn kept_bytes(&self) -> u64 {
+        let mut ix = self.lock();
+        self.refresh_pins(&mut ix);
+        ix.kept_bytes()
     }
 
     pub(crate) fn remove(&self, sha: &Sha512) {

@@ -14,9 +14,15 @@
 //! Downloads in flight hold reservations: `reserved` bytes counted against the limit
 //! before their blob is in the index, of which `unwritten` are not on the disk yet
 //! (so a `statvfs` does not see them taken).
+//!
+//! Persistent pins (`kept`, see [`super::pins`]) are a set of SHA-512s apart from the
+//! slots: a pin may name a blob not in the cache (yet). A kept blob is never a victim;
+//! eviction also asks the caller, for each victim it is about to hand out, whether a
+//! pin was made meanwhile (by another process), and keeps the blob when one was.
 
 use crate::digest::Sha512;
 use lru::LruCache;
+use std::collections::HashSet;
 use std::fs::File;
 use std::sync::{Arc, Weak};
 
@@ -37,6 +43,8 @@ pub(crate) struct LruIndex {
     reserved: u64,
     /// Of `reserved`, the bytes not yet written to the disk.
     unwritten: u64,
+    /// Persistently pinned blobs (present or not).
+    kept: HashSet<Sha512>,
 }
 
 impl LruIndex {
@@ -47,7 +55,36 @@ impl LruIndex {
             next_generation: 1,
             reserved: 0,
             unwritten: 0,
+            kept: HashSet::new(),
         }
+    }
+
+    /// Replaces the set of persistently pinned blobs.
+    pub(crate) fn set_kept(&mut self, kept: HashSet<Sha512>) {
+        self.kept = kept;
+    }
+
+    /// Pins `sha` persistently (`true`) or unpins it.
+    pub(crate) fn keep(&mut self, sha: Sha512, kept: bool) {
+        if kept {
+            self.kept.insert(sha);
+        } else {
+            self.kept.remove(&sha);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_kept(&self, sha: &Sha512) -> bool {
+        self.kept.contains(sha)
+    }
+
+    /// Bytes of the persistently pinned blobs present.
+    pub(crate) fn kept_bytes(&self) -> u64 {
+        self.kept.iter().filter_map(|s| self.peek(s)).sum()
+    }
+
+    fn evictable(&self, sha: &Sha512, slot: &Slot, keep: Option<&Sha512>) -> bool {
+        slot.pins == 0 && Some(sha) != keep && !self.kept.contains(sha)
     }
 
     /// Bytes reserved by downloads in flight, and of those the ones not yet on disk.
@@ -157,34 +194,47 @@ impl LruIndex {
     pub(crate) fn evictable_bytes(&self, keep: Option<&Sha512>) -> u64 {
         self.order
             .iter()
-            .filter(|(sha, slot)| slot.pins == 0 && Some(*sha) != keep)
+            .filter(|(sha, slot)| self.evictable(sha, slot, keep))
             .map(|(_, slot)| slot.size)
             .sum()
     }
 
     /// The least recently used unpinned blob other than `keep`, forgotten and returned,
-    /// when the total is over `budget`. The caller unlinks it.
+    /// when the total is over `budget`. The caller unlinks it. `pinned` is asked about
+    /// each candidate: one it says is pinned becomes kept and is skipped.
     pub(crate) fn pop_victim(
         &mut self,
         budget: u64,
         keep: Option<&Sha512>,
+        pinned: &mut dyn FnMut(&Sha512) -> bool,
     ) -> Option<(Sha512, u64)> {
         if self.total <= budget {
             return None;
         }
-        self.pop_any_victim(keep)
+        self.pop_any_victim(keep, pinned)
     }
 
     /// The least recently used unpinned blob other than `keep`, whatever the total.
-    pub(crate) fn pop_any_victim(&mut self, keep: Option<&Sha512>) -> Option<(Sha512, u64)> {
-        let victim = self
-            .order
-            .iter()
-            .rev()
-            .find(|(sha, slot)| slot.pins == 0 && Some(*sha) != keep)
-            .map(|(sha, _)| *sha)?;
-        let size = self.remove(&victim)?;
-        Some((victim, size))
+    pub(crate) fn pop_any_victim(
+        &mut self,
+        keep: Option<&Sha512>,
+        pinned: &mut dyn FnMut(&Sha512) -> bool,
+    ) -> Option<(Sha512, u64)> {
+        // Bounded: each round keeps one more blob or returns.
+        loop {
+            let victim = self
+                .order
+                .iter()
+                .rev()
+                .find(|(sha, slot)| self.evictable(sha, slot, keep))
+                .map(|(sha, _)| *sha)?;
+            if pinned(&victim) {
+                self.kept.insert(victim);
+                continue;
+            }
+            let size = self.remove(&victim)?;
+            return Some((victim, size));
+        }
     }
 
     /// Every known blob, least recently used first (for tests and diagnostics).
@@ -200,6 +250,10 @@ mod tests {
 
     fn sha(n: u8) -> Sha512 {
         Sha512::of(&[n])
+    }
+
+    fn no(_: &Sha512) -> bool {
+        false
     }
 
     #[test]
@@ -223,10 +277,14 @@ mod tests {
         }
         assert_eq!(ix.touch(&sha(1)), Some(10));
         assert_eq!(ix.lru_order(), vec![sha(2), sha(3), sha(1)]);
-        assert_eq!(ix.pop_victim(25, None), Some((sha(2), 10)));
-        assert_eq!(ix.pop_victim(25, None), None, "20 bytes fit in 25");
-        assert_eq!(ix.pop_victim(5, None), Some((sha(3), 10)));
-        assert_eq!(ix.pop_victim(5, Some(&sha(1))), None, "the kept blob stays");
+        assert_eq!(ix.pop_victim(25, None, &mut no), Some((sha(2), 10)));
+        assert_eq!(ix.pop_victim(25, None, &mut no), None, "20 bytes fit in 25");
+        assert_eq!(ix.pop_victim(5, None, &mut no), Some((sha(3), 10)));
+        assert_eq!(
+            ix.pop_victim(5, Some(&sha(1)), &mut no),
+            None,
+            "the kept blob stays"
+        );
         assert_eq!(ix.total(), 10);
     }
 
@@ -239,12 +297,12 @@ mod tests {
         let g1b = ix.pin(&sha(1)).unwrap();
         assert_eq!(g1, g1b);
         assert_eq!(ix.evictable_bytes(None), 10);
-        assert_eq!(ix.pop_victim(0, None), Some((sha(2), 10)));
-        assert_eq!(ix.pop_victim(0, None), None);
+        assert_eq!(ix.pop_victim(0, None, &mut no), Some((sha(2), 10)));
+        assert_eq!(ix.pop_victim(0, None, &mut no), None);
         assert!(!ix.unpin(&sha(1), g1), "one pin is left");
         assert!(ix.is_pinned(&sha(1)));
         assert!(ix.unpin(&sha(1), g1));
-        assert_eq!(ix.pop_victim(0, None), Some((sha(1), 100)));
+        assert_eq!(ix.pop_victim(0, None, &mut no), Some((sha(1), 100)));
     }
 
     #[test]
@@ -260,5 +318,35 @@ mod tests {
         assert!(ix.is_pinned(&sha(1)));
         assert!(ix.unpin(&sha(1), new));
         assert!(!ix.unpin(&sha(1), new), "no pin left to drop");
+    }
+
+    #[test]
+    fn kept_blobs_are_never_victims_and_late_pins_are_learnt() {
+        let mut ix = LruIndex::new();
+        for n in 1..=3 {
+            ix.insert(sha(n), 10);
+        }
+        ix.keep(sha(1), true);
+        assert_eq!(ix.evictable_bytes(None), 20);
+        assert_eq!(ix.kept_bytes(), 10);
+        // sha(2) was pinned by another process: the check keeps it.
+        let mut asked = Vec::new();
+        let mut late = |s: &Sha512| {
+            asked.push(*s);
+            *s == sha(2)
+        };
+        assert_eq!(ix.pop_victim(0, None, &mut late), Some((sha(3), 10)));
+        assert_eq!(asked, vec![sha(2), sha(3)]);
+        assert!(ix.is_kept(&sha(2)));
+        assert_eq!(
+            ix.pop_victim(0, None, &mut no),
+            None,
+            "only kept blobs left"
+        );
+        assert_eq!((ix.total(), ix.kept_bytes()), (20, 20));
+        ix.keep(sha(1), false);
+        assert_eq!(ix.pop_victim(0, None, &mut no), Some((sha(1), 10)));
+        ix.set_kept(HashSet::new());
+        assert_eq!(ix.pop_victim(0, None, &mut no), Some((sha(2), 10)));
     }
 }

@@ -8,6 +8,8 @@
 //! DIR/v1/open.lock            flock: shared by every process using the cache
 //! DIR/v1/blobs/<2 hex>/<128 hex>   verified blobs, named by SHA-512
 //! DIR/v1/tmp/                 temporary files (downloads, table rewrites)
+//! DIR/v1/pins/<128 hex>       empty: that blob is pinned for offline use (see `pins`)
+//! DIR/v1/pins.lock            flock: pinning (exclusive) against evicting (shared)
 //! DIR/v1/sizes.json           {"<sha hex>": size}, global: blobs are named by content
 //! DIR/v1/ns/<32 hex>/         per namespace (first 32 hex of SHA-512 of its text):
 //!     namespace               the namespace text, for humans
@@ -22,7 +24,8 @@
 //! directory an older release named after a URL with credentials is renamed (or merged
 //! into the one without) when the cache is opened, so its tables survive.
 //!
-//! This module owns `blobs/`, `tmp/`, `ns/`, `sizes.json` and `open.lock`, and nothing
+//! This module owns `blobs/`, `tmp/`, `ns/`, `pins/`, `sizes.json`, `open.lock` and
+//! `pins.lock`, and nothing
 //! else: the upload outbox (a sibling module, in its own directory) is never read,
 //! cleaned or evicted from here, and no clean-up anywhere removes an entry named `outbox`.
 //!
@@ -33,8 +36,11 @@
 mod blobs;
 mod disk;
 mod index;
+mod pins;
 mod tables;
 
+#[cfg(test)]
+mod pin_tests;
 #[cfg(test)]
 mod pressure_tests;
 #[cfg(test)]
@@ -245,7 +251,8 @@ impl Cache {
         lock.share();
         tables::migrate_namespaces(&v1, &tmp);
         let ns_dir = namespace_dir(&v1, &tmp, &opts.namespace)?;
-        let blobs = BlobStore::open(v1.join("blobs"), v1.clone(), opts.max_bytes)?;
+        let pins = pins::Pins::open(&v1).map_err(io_err(&v1))?;
+        let blobs = BlobStore::open(v1.join("blobs"), v1.clone(), opts.max_bytes, pins)?;
         // Blobs are fsynced after they are named (see `blobs::insert`): a session that
         // did not end cleanly may have left, after a machine crash, a blob whose bytes
         // never reached the disk. Re-hash what that session wrote or touched.
@@ -446,6 +453,39 @@ impl Cache {
     /// only ever used this way, to refuse; room is reserved as bytes arrive.)
     pub fn could_hold(&self, bytes: u64) -> Result<(), CacheError> {
         self.blobs.could_hold(bytes)
+    }
+
+    /// Pins the blob `held` holds open for offline use: never evicted, across remounts
+    /// and by every process sharing the cache directory, until [`Cache::unpin_blob`].
+    /// False when another process evicted the blob just before the pin was made: the
+    /// pin stays, and the caller fetches the blob again. May wait for an fsync.
+    pub fn pin_blob(&self, held: &BlobPin) -> Result<bool, CacheError> {
+        let pins = self.dir.join(format!("v{LAYOUT_VERSION}")).join("pins");
+        self.blobs.keep(&held.sha).map_err(io_err(&pins))
+    }
+
+    /// Removes a blob's pin (true when there was one); the blob is then evicted like
+    /// any other (at once when the cache is over its limit and nothing holds it open).
+    pub fn unpin_blob(&self, sha: &Sha512) -> Result<bool, CacheError> {
+        let pins = self.dir.join(format!("v{LAYOUT_VERSION}")).join("pins");
+        self.blobs.unkeep(sha).map_err(io_err(&pins))
+    }
+
+    /// Whether the blob is pinned (by any process; present in the cache or not).
+    pub fn is_pinned(&self, sha: &Sha512) -> bool {
+        self.blobs.pins.contains(sha)
+    }
+
+    /// Every pinned blob (by any process; present in the cache or not).
+    pub fn pinned(&self) -> Vec<Sha512> {
+        let mut all: Vec<Sha512> = self.blobs.pins.read_all().into_iter().collect();
+        all.sort();
+        all
+    }
+
+    /// Bytes of the pinned blobs present in the cache (counted in `usage` too).
+    pub fn pinned_bytes(&self) -> u64 {
+        self.blobs.kept_bytes()
     }
 
     /// (bytes used by blobs, limit, number of blobs)

@@ -1,5 +1,6 @@
 //! `shacachefs fsck`: re-hashes every cached blob, removes the wrong ones, and checks
-//! that every outbox item still has its data.
+//! that every outbox item still has its data. Pins are kept, also those of a blob
+//! removed as wrong (its next open or `prefetch` fetches it again).
 
 use super::mount::default_cache_dir;
 use crate::cache::{Cache, CacheOptions};
@@ -25,6 +26,19 @@ pub fn run(args: FsckArgs) -> Result<()> {
     );
     for sha in &report.removed {
         println!("removed {sha}: content did not match its name");
+    }
+    let pinned = cache.pinned();
+    let absent: Vec<_> = pinned
+        .iter()
+        .filter(|s| !cache.blob_path(s).is_file())
+        .collect();
+    println!(
+        "pins: {} blobs pinned, {} of them not in the cache",
+        pinned.len(),
+        absent.len()
+    );
+    for sha in absent {
+        println!("pinned {sha} is not in the cache: its next open or prefetch fetches it");
     }
     let outbox = Outbox::open(&dir)?;
     let (items, broken) = outbox.list();

@@ -7,6 +7,7 @@ pub mod keygen;
 pub mod ls;
 pub mod mount;
 pub mod outbox;
+pub mod prefetch;
 pub mod serve;
 pub mod status;
 pub mod upload;

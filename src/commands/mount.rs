@@ -225,7 +225,7 @@ async fn retry_loop(core: std::sync::Arc<Core>) {
 
 /// The configuration to use: `-c`, else a default file, else the embedded default
 /// (whose server is then running). Also the cache namespace it implies.
-async fn resolve_config(
+pub(super) async fn resolve_config(
     explicit: Option<PathBuf>,
 ) -> Result<(Config, Option<RunningServer>, String)> {
     match explicit.or_else(Config::find_default) {

@@ -60,11 +60,12 @@ pub fn run(args: StatusArgs) -> Result<()> {
     );
     let c = g("cache");
     println!(
-        "cache:      {} ({} of {} bytes, {} blobs)",
+        "cache:      {} ({} of {} bytes, {} blobs, {} bytes pinned)",
         s(c["dir"].clone()),
         c["used_bytes"],
         c["limit_bytes"],
-        c["blobs"]
+        c["blobs"],
+        c["pinned_bytes"]
     );
     println!(
         "reads:      {} hits, {} misses, {} downloads in flight, {} bytes fetched",

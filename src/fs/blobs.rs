@@ -217,7 +217,7 @@ impl Core {
 /// Reads into `buf` from `offset` until it is full or the file ends; the bytes read.
 /// Grows a download's reservation (see [`crate::cache::Reservation::ensure`]); the
 /// cache's `NoSpace` becomes an `ENOSPC` I/O error, which ends the download.
-pub(super) fn room_in(
+pub(crate) fn room_in(
     reservation: &Mutex<crate::cache::Reservation>,
     have: u64,
     to: u64,

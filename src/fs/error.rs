@@ -24,15 +24,16 @@ pub enum FsError {
     BadHandle,
     #[error("no such attribute")]
     NoAttr,
-    /// An attribute namespace the tree never has (`security.*`, `system.*`,
-    /// `trusted.*`): "not supported", which `ls -l` remembers per filesystem, where "no
-    /// such attribute" would make it ask again for every file.
-    #[error("attribute namespace not supported")]
-    XattrUnsupported,
     #[error("buffer too small")]
     Range,
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
+    /// An attribute this node cannot be given (`cp -a`, `rsync -X` go on without it),
+    /// or a namespace the tree never has (`security.*`, `system.*`, `trusted.*`), which
+    /// `ls -l` remembers per filesystem where "no such attribute" would make it ask
+    /// again for every file.
+    #[error("operation not supported")]
+    Unsupported,
     #[error("busy: {0}")]
     Busy(&'static str),
     /// A name the tree cannot hold (not UTF-8).
@@ -69,9 +70,9 @@ impl FsError {
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::BadHandle => libc::EBADF,
             FsError::NoAttr => libc::ENODATA,
-            FsError::XattrUnsupported => libc::EOPNOTSUPP,
             FsError::Range => libc::ERANGE,
             FsError::Invalid(_) => libc::EINVAL,
+            FsError::Unsupported => libc::EOPNOTSUPP,
             FsError::Busy(_) => libc::EBUSY,
             FsError::BadName => libc::EINVAL,
             FsError::OpenForReading => libc::ETXTBSY,

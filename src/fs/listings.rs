@@ -133,7 +133,7 @@ pub(super) fn mtime_of(listing: &KeyListing, name: &str, sha: &Sha512) -> Option
 }
 
 /// Entries as a shadir body (for the on-disk copy): `[[inner, signature], …]`.
-pub(super) fn listing_body<'a>(entries: impl Iterator<Item = &'a RawEntry>) -> Vec<u8> {
+pub(crate) fn listing_body<'a>(entries: impl Iterator<Item = &'a RawEntry>) -> Vec<u8> {
     let arr = entries
         .map(|e| {
             Value::Array(vec![

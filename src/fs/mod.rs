@@ -27,8 +27,9 @@ mod write;
 pub use write::Busy;
 pub mod xattr;
 
-pub(crate) use blobs::read_full_at;
+pub(crate) use blobs::{read_full_at, room_in};
 pub use handles::Handle;
+pub(crate) use listings::listing_body;
 use listings::{mtime_of, KeyState};
 pub use listings::{FileEntry, KeyListing};
 pub use tree::Statfs;

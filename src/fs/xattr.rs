@@ -2,10 +2,18 @@
 //!
 //! Names: `user.shacache.sha512`, `user.shadir.<field>` for each metadata field (strings
 //! as they are, other values as compact JSON), `user.shadir.signer`,
-//! `user.shacachefs.cached`. The kernel takes names up to 255 bytes, values up to
+//! `user.shacachefs.cached`, `user.shacachefs.pin`. The kernel takes names up to 255 bytes, values up to
 //! 64 KiB and a whole listing up to 64 KiB: a field whose name or value is too long is
 //! left out, and fields are added in metadata order until the listing is full; the rest
 //! are left out (they stay in `.entries.json`).
+//!
+//! The one attribute that can be set is [`PIN_XATTR`], on an entry, `latest` (the
+//! kernel follows the link: the blob it points to now) or `.sha512/<hex>`: `1` fetches
+//! the blob if needed (verified, as an open does) and pins it in the cache for offline
+//! use (see `cache::pins`), `0` or removing the attribute unpins it; reading it gives
+//! `1` or `0`. Only the mount's owner and root may change it. Any other attribute, and
+//! the pin on another node, answers `EOPNOTSUPP`, so `cp -a`, `rsync -X` and
+//! `tar --xattrs` go on without them.
 
 use super::{status, Core, FsError, KeyListing, Node};
 use crate::digest::Sha512;
@@ -18,12 +26,28 @@ pub const NAME_MAX: usize = 255;
 /// Largest value, and largest listing.
 pub const SIZE_MAX: usize = 65536;
 
+/// The attribute that pins a blob for offline use.
+pub const PIN_XATTR: &str = "user.shacachefs.pin";
+
+/// How many times a pin fetches a blob that another process keeps evicting.
+const PIN_ATTEMPTS: usize = 3;
+
+/// The name of an attribute that can be set or removed: the pin, and nothing else
+/// (`Unsupported`, decided without a request or a wait).
+pub fn settable_name(name: &OsStr) -> Result<(), FsError> {
+    match name.to_str() {
+        Some(PIN_XATTR) => Ok(()),
+        _ => Err(FsError::Unsupported),
+    }
+}
+
 /// The attributes of an entry file, in listing order.
 pub fn entry_xattrs(
     sha_hex: &str,
     metadata: &Map<String, Value>,
     signer: &str,
     cached: bool,
+    pinned: bool,
 ) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = Vec::new();
     let mut listing = 0usize;
@@ -47,6 +71,11 @@ pub fn entry_xattrs(
     push(
         "user.shacachefs.cached".into(),
         if cached { b"1".to_vec() } else { b"0".to_vec() },
+        &mut out,
+    );
+    push(
+        PIN_XATTR.into(),
+        if pinned { b"1".to_vec() } else { b"0".to_vec() },
         &mut out,
     );
     for (field, value) in metadata {
@@ -81,8 +110,15 @@ pub fn xattr_name(name: &OsStr) -> Result<&str, FsError> {
     if name.starts_with("user.") {
         Ok(name)
     } else {
-        Err(FsError::XattrUnsupported)
+        Err(FsError::Unsupported)
     }
+}
+
+/// Runs cache work that may wait for the disk (an fsync) off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, FsError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))
 }
 
 impl Core {
@@ -120,6 +156,7 @@ impl Core {
             Node::Blob(sha) => Ok(vec![
                 ("user.shacache.sha512".into(), sha.hex().into_bytes()),
                 ("user.shacachefs.cached".into(), self.cached_flag(&sha)),
+                (PIN_XATTR.into(), self.pinned_flag(&sha)),
             ]),
             Node::Staged(id) => match self.published_node(&id) {
                 // Published a moment ago; the kernel has not forgotten the staged inode.
@@ -157,7 +194,101 @@ impl Core {
             &f.entry.info.metadata,
             f.entry.signer.label(),
             self.cache.lookup_blob(sha).is_some(),
+            self.cache.is_pinned(sha),
         ))
+    }
+
+    fn pinned_flag(&self, sha: &Sha512) -> Vec<u8> {
+        if self.cache.is_pinned(sha) {
+            b"1"
+        } else {
+            b"0"
+        }
+        .to_vec()
+    }
+
+    /// `setxattr(ino, name, value)` by user `uid`: see the module's documentation.
+    pub async fn set_xattr(
+        self: &Arc<Self>,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        uid: u32,
+    ) -> Result<(), FsError> {
+        settable_name(name)?;
+        match value {
+            b"1" => self.pin(ino, uid, true).await,
+            b"0" => self.pin(ino, uid, false).await,
+            _ => Err(FsError::Invalid("user.shacachefs.pin takes 1 or 0")),
+        }
+    }
+
+    /// `removexattr(ino, name)` by user `uid`: unpins (also when not pinned).
+    pub async fn remove_xattr(
+        self: &Arc<Self>,
+        ino: u64,
+        name: &OsStr,
+        uid: u32,
+    ) -> Result<(), FsError> {
+        settable_name(name)?;
+        self.pin(ino, uid, false).await
+    }
+
+    /// The blob a node shows, for pinning: an entry's, `latest`'s target's (now), a
+    /// `.sha512/` file's, or a staged file's once published; `Unsupported` for others.
+    async fn pinnable_blob(self: &Arc<Self>, ino: u64) -> Result<(Sha512, String), FsError> {
+        match self.node(ino)? {
+            Node::Entry { key, name, sha } => Ok((sha, format!("key {key}: entry {name}"))),
+            Node::Blob(sha) => Ok((sha, format!(".sha512/{}", sha.short(16)))),
+            Node::Latest(key) => {
+                let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
+                let name = listing.latest.as_ref().ok_or(FsError::NotFound)?;
+                let f = listing.files.get(name).ok_or(FsError::NotFound)?;
+                Ok((f.entry.info.sha512, format!("key {key}: entry {name}")))
+            }
+            Node::Staged(id) => match self.published_node(&id) {
+                Some(Node::Entry { key, name, sha }) => {
+                    Ok((sha, format!("key {key}: entry {name}")))
+                }
+                _ => Err(FsError::Unsupported),
+            },
+            Node::Root | Node::ShaDir | Node::Key(_) | Node::EntriesJson(_) => {
+                Err(FsError::Unsupported)
+            }
+        }
+    }
+
+    /// Pins (fetching the blob first, verified, when it is not cached) or unpins the
+    /// blob of a node. Only the mount's owner and root may (with `--allow-other`,
+    /// others reach the mount too).
+    async fn pin(self: &Arc<Self>, ino: u64, uid: u32, pin: bool) -> Result<(), FsError> {
+        let (sha, what) = self.pinnable_blob(ino).await?;
+        if uid != 0 && uid != self.opts.uid {
+            return Err(FsError::NotPermitted(
+                "only the mount's owner and root may pin",
+            ));
+        }
+        let cache = Arc::clone(&self.cache);
+        if !pin {
+            let was = blocking(move || cache.unpin_blob(&sha)).await??;
+            if was {
+                tracing::info!("{what}: unpinned blob {}", sha.short(16));
+            }
+            return Ok(());
+        }
+        for _ in 0..PIN_ATTEMPTS {
+            let (_file, len, held) = self.cached_or_fetched(&sha, &what).await?;
+            let cache = Arc::clone(&cache);
+            if blocking(move || cache.pin_blob(&held)).await?? {
+                tracing::info!("{what}: pinned blob {} ({len} bytes)", sha.short(16));
+                return Ok(());
+            }
+            tracing::info!(
+                "{what}: blob {} evicted by another process while being pinned, fetching it again",
+                sha.short(16)
+            );
+        }
+        Err(FsError::Busy("the blob was evicted while being pinned"))
     }
 
     fn cached_flag(&self, sha: &Sha512) -> Vec<u8> {
@@ -187,7 +318,7 @@ mod tests {
         let long_name = "n".repeat(300);
         let meta = json!({"sha512": "ab", "file": "a.tgz", "os": ["debian", 12], "ok": true,
                           long_name.as_str(): "x", "big": "v".repeat(70000)});
-        let attrs = entry_xattrs("ab", meta.as_object().unwrap(), "CN", true);
+        let attrs = entry_xattrs("ab", meta.as_object().unwrap(), "CN", true, true);
         let get = |n: &str| {
             attrs
                 .iter()
@@ -198,6 +329,7 @@ mod tests {
         assert_eq!(get("user.shadir.os").as_deref(), Some(r#"["debian",12]"#));
         assert_eq!(get("user.shadir.ok").as_deref(), Some("true"));
         assert_eq!(get("user.shacachefs.cached").as_deref(), Some("1"));
+        assert_eq!(get(PIN_XATTR).as_deref(), Some("1"));
         assert!(get(&format!("user.shadir.{long_name}")).is_none());
         assert!(get("user.shadir.big").is_none());
         assert!(listing(&attrs).len() <= SIZE_MAX);
@@ -218,9 +350,24 @@ mod tests {
         for i in 0..2000 {
             meta.insert(format!("field-{i:04}-{}", "x".repeat(40)), Value::from(i));
         }
-        let attrs = entry_xattrs("ab", &meta, "CN", false);
+        let attrs = entry_xattrs("ab", &meta, "CN", false, false);
         assert!(listing(&attrs).len() <= SIZE_MAX);
-        assert!(attrs.len() < 2003);
+        assert!(attrs.len() < 2004);
         assert_eq!(attrs[0].0, "user.shacache.sha512");
+    }
+
+    #[test]
+    fn only_the_pin_can_be_set() {
+        assert!(settable_name(OsStr::new(PIN_XATTR)).is_ok());
+        for other in [
+            "user.shacache.sha512",
+            "user.foo",
+            "security.selinux",
+            "system.posix_acl_access",
+            "trusted.x",
+        ] {
+            let e = settable_name(OsStr::new(other)).unwrap_err();
+            assert_eq!(e.errno(), libc::EOPNOTSUPP, "{other}");
+        }
     }
 }

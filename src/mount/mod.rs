@@ -94,7 +94,7 @@ fail_for!(
 fn errno(op: &str, e: &FsError) -> i32 {
     let errno = e.errno();
     match e {
-        FsError::NotFound | FsError::NoAttr | FsError::XattrUnsupported | FsError::Range => {}
+        FsError::NotFound | FsError::NoAttr | FsError::Unsupported | FsError::Range => {}
         _ => tracing::debug!("{op}: {e} (errno {errno})"),
     }
     errno
@@ -691,6 +691,39 @@ impl Filesystem for FuseFs {
         self.spawn("listxattr", ino, reply, work, move |a, reply| {
             xattr_reply(size, &crate::fs::xattr::listing(&a), reply)
         });
+    }
+
+    fn setxattr(
+        &mut self,
+        req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        // Any attribute but the pin (`cp -a`, `rsync -X`): answered here, no task.
+        if let Err(e) = crate::fs::xattr::settable_name(name) {
+            return reply.error(e.errno());
+        }
+        let (core, name, value, uid) = (
+            self.core.clone(),
+            name.to_owned(),
+            value.to_vec(),
+            req.uid(),
+        );
+        let work = async move { core.set_xattr(ino, &name, &value, uid).await };
+        self.spawn("setxattr", ino, reply, work, |(), reply| reply.ok());
+    }
+
+    fn removexattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        if let Err(e) = crate::fs::xattr::settable_name(name) {
+            return reply.error(e.errno());
+        }
+        let (core, name, uid) = (self.core.clone(), name.to_owned(), req.uid());
+        let work = async move { core.remove_xattr(ino, &name, uid).await };
+        self.spawn("removexattr", ino, reply, work, |(), reply| reply.ok());
     }
 
     fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {

@@ -286,7 +286,8 @@ fn assert_cache_layout(dir: &Path) {
         let item_id =
             |id: &str| !id.is_empty() && id.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit());
         let known = match parts.as_slice() {
-            ["layout"] | ["v1", "open.lock"] | ["v1", "sizes.json"] => true,
+            ["layout"] | ["v1", "open.lock"] | ["v1", "pins.lock"] | ["v1", "sizes.json"] => true,
+            ["v1", "pins", name] => is_hex(name, 128),
             // The marker of a session that has not closed the cache (yet).
             ["v1", "unclean"] => true,
             ["v1", "blobs", shard, name] => {

@@ -125,7 +125,8 @@ impl BlobStore {
     /// free space, less what downloads in flight still have to write, plus the closed
     /// blobs). Evicts nothing.
     pub(crate) fn could_hold(&self, bytes: u64) -> Result<(), CacheError> {
-        let ix = self.lock();
+        let mut ix = self.lock();
+        self.refresh_pins(&mut ix);
         let free = free_bytes(&self.fs_probe).map_err(|e| io_err(&self.fs_probe, e))?;
         let room = free
             .saturating_sub(ix.reserved().1)
@@ -161,6 +162,9 @@ impl BlobStore {
                 false => Err(CacheError::NoSpace { needed: disk_bytes }),
             };
         }
+        // Pins made by another process count from here on (one `stat` a call: a
+        // download asks once per MiB).
+        self.refresh_pins(ix);
         // Hopeless requests must not empty the cache on their way to failing.
         if free()?.saturating_add(ix.evictable_bytes(None)) < disk_bytes {
             return Err(CacheError::NoSpace { needed: disk_bytes });
@@ -169,7 +173,9 @@ impl BlobStore {
             .max_bytes
             .saturating_sub(others)
             .saturating_sub(limit_bytes);
-        while let Some((sha, _)) = ix.pop_victim(budget, None) {
+        let mut held = None;
+        let mut pinned = self.pin_check(&mut held);
+        while let Some((sha, _)) = ix.pop_victim(budget, None, &mut pinned) {
             unlink(&self.path_of(&sha));
         }
         // Bounded by the number of blobs: each round forgets one.
@@ -177,7 +183,7 @@ impl BlobStore {
             if free()? >= disk_bytes {
                 return Ok(());
             }
-            match ix.pop_any_victim(None) {
+            match ix.pop_any_victim(None, &mut pinned) {
                 Some((sha, _)) => unlink(&self.path_of(&sha)),
                 None => return Err(CacheError::NoSpace { needed: disk_bytes }),
             }

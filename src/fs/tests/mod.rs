@@ -2,6 +2,7 @@
 //! no FUSE, no socket, no real time. `write.rs` holds the write path's rules and the
 //! integrity invariants; `read.rs` listings, trust and reads.
 
+mod pin;
 mod read;
 mod write;
 
