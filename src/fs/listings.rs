@@ -48,7 +48,13 @@ impl KeyListing {
         match self.entries_json_len.get() {
             Some(n) => *n,
             // (Recorded by `entries_json`.)
-            None => self.entries_json().len() as u64,
+            None => {
+                let n = self.entries_json().len() as u64;
+                if self.files.len() >= BIG_LISTING {
+                    return_freed_memory();
+                }
+                n
+            }
         }
     }
 
@@ -68,12 +74,12 @@ pub struct FileEntry {
 
 /// A listing this big leaves megabytes of transients behind (the answer's body, its
 /// parse): handed back to the system once it is built.
-pub(super) const BIG_LISTING: usize = 1000;
+pub const BIG_LISTING: usize = 1000;
 
 /// Gives the heap's free memory back to the system. glibc keeps what a big listing's
 /// build freed (a 20,000-entry key's answer and its parse, tens of MB) in the process
 /// for ever otherwise: the daemon's RSS stayed at its peak.
-pub(super) fn return_freed_memory() {
+pub fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap memory; it takes the allocator's
     // locks itself.

@@ -652,11 +652,17 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyEmpty,
     ) {
-        self.dirs
+        let handle = self
+            .dirs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh);
         reply.ok();
+        // A big key's listing (and what its reads made) back to the system, not kept
+        // by the allocator after each `ls`.
+        if handle.is_some_and(|h| h.entries.len() >= crate::fs::BIG_LISTING) {
+            crate::fs::return_freed_memory();
+        }
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {

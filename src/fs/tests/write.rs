@@ -17,9 +17,14 @@ async fn a_close_publishes_blob_then_entry_and_shows_it_without_asking_again() {
     let rig = Rig::new();
     rig.cp("f", b"hello").await.expect("close");
     assert_eq!(rig.published("k"), vec![b"hello".to_vec()]);
+    // A small blob is sent without a probe first.
     assert_eq!(
-        (rig.store.calls(Op::Post), rig.store.calls(Op::PutDir)),
-        (1, 1)
+        (
+            rig.store.calls(Op::Probe),
+            rig.store.calls(Op::Post),
+            rig.store.calls(Op::PutDir)
+        ),
+        (0, 1, 1)
     );
     let gets = rig.store.calls(Op::GetDir);
     assert_eq!(
@@ -34,6 +39,32 @@ async fn a_close_publishes_blob_then_entry_and_shows_it_without_asking_again() {
         "the publish updated the listing in place"
     );
     assert_eq!(rig.core.pending_count(), 0);
+}
+
+/// A blob bigger than `SEND_WITHOUT_PROBE` is probed first, and not sent again when
+/// shacache has it; a small one is sent at once.
+#[tokio::test(start_paused = true)]
+async fn only_blobs_above_the_threshold_are_probed_before_they_are_sent() {
+    let rig = Rig::new();
+    let big = vec![7u8; crate::client::SEND_WITHOUT_PROBE as usize + 1];
+    rig.cp("a", &big).await.expect("close");
+    assert_eq!(
+        (rig.store.calls(Op::Probe), rig.store.calls(Op::Post)),
+        (1, 1)
+    );
+    rig.cp("b", &big).await.expect("close");
+    assert_eq!(
+        (rig.store.calls(Op::Probe), rig.store.calls(Op::Post)),
+        (2, 1),
+        "a blob shacache has was sent again"
+    );
+    let small = vec![7u8; crate::client::SEND_WITHOUT_PROBE as usize];
+    rig.cp("c", &small).await.expect("close");
+    assert_eq!(
+        (rig.store.calls(Op::Probe), rig.store.calls(Op::Post)),
+        (2, 2)
+    );
+    assert_eq!(rig.published("k").len(), 3);
 }
 
 #[tokio::test(start_paused = true)]
@@ -324,7 +355,7 @@ async fn a_refused_upload_is_eacces_and_an_unreachable_one_eio() {
         .on(Op::Post, Some(1), Fault::Fail(Failure::Status(403)));
     assert_eq!(errno(rig.cp("f", b"x").await), libc::EACCES);
     rig.store
-        .on(Op::Probe, Some(1), Fault::Fail(Failure::Unreachable));
+        .on(Op::Post, Some(1), Fault::Fail(Failure::Unreachable));
     assert_eq!(errno(rig.cp("g", b"y").await), libc::EIO);
     assert_eq!(rig.core.pending_count(), 2);
     assert!(rig.store.entries("k").is_none(), "nothing half-published");
@@ -469,7 +500,7 @@ async fn a_known_key_stays_writable_offline_and_pending_files_go_out_when_server
     assert_eq!(got, vec![b"1".to_vec(), b"2".to_vec()]);
     // The staleness window ends by itself too: a close tries again after it.
     rig.store
-        .on(Op::Probe, Some(1), Fault::Fail(Failure::Unreachable));
+        .on(Op::Post, Some(1), Fault::Fail(Failure::Unreachable));
     assert_eq!(errno(rig.cp("three", b"3").await), libc::EIO);
     tokio::time::advance(crate::fs::listings::OFFLINE_RECHECK).await;
     let ino = rig.attr("k", "three").await.unwrap().ino;
