@@ -15,6 +15,7 @@ mod interop;
 mod mount;
 mod nginx_cdn;
 mod ops;
+mod progress;
 mod remote;
 mod server;
 mod server_limits;
