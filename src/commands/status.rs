@@ -124,9 +124,13 @@ fn show(args: &StatusArgs) -> Result<()> {
     if transfers.is_empty() {
         println!("transfers:  none in flight");
     } else {
-        println!("transfers:  {} in flight", transfers.len());
+        let more = g("transfers_not_listed").as_u64().unwrap_or(0);
+        println!("transfers:  {} in flight", transfers.len() as u64 + more);
         for t in &transfers {
             println!("  {}", transfer_line(t));
+        }
+        if let Some(n) = g("transfers_not_listed").as_u64().filter(|n| *n > 0) {
+            println!("  … and {n} more");
         }
     }
     Ok(())

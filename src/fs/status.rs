@@ -21,6 +21,10 @@ pub const STATUS_XATTR: &str = "user.shacachefs.status";
 /// The reachability probes are sent at most this often.
 pub const PROBE_EVERY: Duration = Duration::from_secs(5);
 
+/// Transfers listed at most (oldest first): an extended attribute's value is at most
+/// 64 KiB; the rest are counted (`transfers_not_listed`).
+pub const MAX_LISTED: usize = 64;
+
 /// The last probe's answers.
 pub(super) struct Probed {
     at: tokio::time::Instant,
@@ -92,6 +96,9 @@ impl Core {
     fn status_document(&self, dir_state: Value, cache_state: Value, probed_ago: f64) -> Value {
         let (used, limit, blobs) = self.cache.usage();
         let s = &self.stats;
+        let mut transfers = self.transfers.list();
+        let not_listed = transfers.len().saturating_sub(MAX_LISTED);
+        transfers.truncate(MAX_LISTED);
         let servers: Vec<Value> = self
             .opts
             .servers
@@ -125,7 +132,8 @@ impl Core {
             "outbox_pending": self.pending_count(),
             "verification_failures": s.verify_failures.load(Ordering::Relaxed),
             "hidden_entries": self.hidden_count(),
-            "transfers": self.transfers.list(),
+            "transfers": transfers,
+            "transfers_not_listed": not_listed,
         })
     }
 }

@@ -254,6 +254,10 @@ impl Core {
             Subject::entry(&info.key, &info.name),
             known.map(|(_, len)| len),
         );
+        if let (Some(_), Some((_, len))) = (blob, known) {
+            // The blob went up while the file was written (or shacache had it).
+            transfer.progress(len, Some(len));
+        }
         let progress = |done: u64, total: Option<u64>| transfer.progress(done, total);
         let published = if self.known_unreachable() {
             // No connect timeout per file while the servers are known to be away.
