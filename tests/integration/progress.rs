@@ -282,3 +282,36 @@ fn serve_metrics_count_requests_bytes_and_the_store() {
     assert_eq!(sample(&text, "shacachefs_server_store_blobs"), Some(1.0));
     assert_eq!(http_get(&s.metrics.replace("/metrics", "/")).status, 404);
 }
+
+/// Progress bars are for terminals: with standard error a pipe, `upload` and `download`
+/// print their results and log lines, never a bar.
+#[test]
+fn no_progress_bar_when_stderr_is_not_a_terminal() {
+    let server = Server::start();
+    let dir = tempdir();
+    let cfg = server.config().signer_a().write(dir.path(), "cfg");
+    let src = dir.path().join("a.bin");
+    std::fs::write(&src, pseudo_random_bytes(1 << 20, 5)).unwrap();
+    let up = run(shacachefs([
+        "upload".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+        "-f".as_ref(),
+        src.as_os_str(),
+        "-k".as_ref(),
+        "k".as_ref(),
+        "file=a.bin".as_ref(),
+    ]));
+    up.assert_success();
+    let out = dir.path().join("back.bin");
+    let down = shacachefs_download(&cfg, "k", "a.bin", &out);
+    down.assert_success();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+    for o in [&up, &down] {
+        let err = o.stderr_text();
+        assert!(
+            !err.contains("[==") && !err.contains("eta ") && !err.contains('\r'),
+            "a bar on a pipe: {err:?}"
+        );
+    }
+}
