@@ -147,6 +147,9 @@ pub struct ServeArgs {
     /// (v1 certificates and RSA-1024 keys, which OpenSSL servers accept, are refused).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT binds 127.0.0.1).
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::metrics::parse_listen)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -292,6 +295,9 @@ pub struct MountArgs {
     /// Deepest JSON nesting accepted in a shadir answer.
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub max_json_depth: usize,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT binds 127.0.0.1).
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::metrics::parse_listen)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Set by `-o ro` (cleared by `-o rw`).
     #[arg(skip)]
     pub options_ro: bool,
@@ -409,6 +415,9 @@ pub struct StatusArgs {
     /// Print the JSON document.
     #[arg(long)]
     pub json: bool,
+    /// Redraw every second until interrupted (servers are probed at most every 5 s).
+    #[arg(short = 'w', long)]
+    pub watch: bool,
 }
 
 #[derive(Debug, Args)]

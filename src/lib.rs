@@ -18,6 +18,7 @@ pub mod digest;
 pub mod filter;
 pub mod fs;
 pub mod growing;
+pub mod metrics;
 pub mod mount;
 pub mod naming;
 pub mod outbox;

@@ -6,7 +6,7 @@
 use crate::client::Client;
 use crate::digest::Sha512;
 use crate::outbox::Outbox;
-use crate::remote::RemoteError;
+use crate::remote::{Progress, RemoteError};
 use crate::wire::RawEntry;
 use serde_json::{Map, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -63,12 +63,14 @@ fn entry_metadata(name: &str, extra: &Map<String, Value>) -> Map<String, Value> 
 /// knows of the blob `known` names in shacache: `Some(true)`, it stored exactly these
 /// bytes (it checked the hash the server computed); `Some(false)`, shacache had them
 /// already; either way only the entry is left to publish. `None`: probe, then upload.
+/// `progress` follows the blob's upload (bytes sent, total).
 pub async fn publish(
     client: &Client,
     outbox: &Outbox,
     id: &str,
     known: Option<(Sha512, u64)>,
     blob: Option<bool>,
+    progress: Progress<'_>,
 ) -> Result<Published, PublishError> {
     let _lock = outbox.try_lock(id)?.ok_or(PublishError::Busy)?;
     let mut item = outbox
@@ -113,7 +115,7 @@ pub async fn publish(
             Some(uploaded) => uploaded,
             None => {
                 client
-                    .ensure_blob(&path, &sha, outbox.dir(), &|_, _| {})
+                    .ensure_blob(&path, &sha, outbox.dir(), progress)
                     .await?
             }
         };

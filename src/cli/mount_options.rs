@@ -181,6 +181,10 @@ pub(crate) fn apply(args: &mut MountArgs) -> Result<(), MountOptionError> {
             "negative_ttl" => args.negative_ttl = number(need()?)?,
             "low_speed_timeout" => args.low_speed_timeout = number(need()?)?,
             "connect_timeout" => args.connect_timeout = number(need()?)?,
+            "metrics_listen" => {
+                let v = need()?;
+                args.metrics_listen = Some(crate::metrics::parse_listen(v).map_err(|e| bad(v, e))?);
+            }
             "max_json_depth" => {
                 let v = need()?;
                 args.max_json_depth = v.parse().map_err(|e| bad(v, format!("{e}")))?;

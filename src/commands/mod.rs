@@ -78,7 +78,9 @@ pub fn client_with(cfg: &Config, limits: Limits) -> Result<Client> {
     Ok(client)
 }
 
-/// A byte progress bar on stderr when it is a terminal; hidden otherwise.
+/// A byte progress bar on stderr when it is a terminal; hidden otherwise. The one place
+/// the commands make their bars (`download`, `upload`; [`track`] feeds it from a
+/// transfer's progress callback).
 pub fn progress_bar(what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
@@ -90,6 +92,22 @@ pub fn progress_bar(what: &str) -> ProgressBar {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// A bar counting items (files, entries) on stderr when it is a terminal; hidden
+/// otherwise.
+pub fn count_bar(what: &str, total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     bar.set_message(what.to_string());
     bar

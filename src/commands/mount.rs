@@ -342,6 +342,17 @@ async fn start(args: &MountArgs) -> Result<Started> {
             .collect(),
         },
     );
+    let metrics_note = match args.metrics_listen {
+        Some(addr) => {
+            let render =
+                crate::metrics::render_registry(crate::metrics::mount_registry(core.clone()));
+            let bound = crate::metrics::start(addr, render)
+                .await
+                .with_context(|| format!("--metrics-listen {addr}"))?;
+            format!(", metrics on http://{bound}/metrics")
+        }
+        None => String::new(),
+    };
     let fs = FuseFs::new(
         core.clone(),
         tokio::runtime::Handle::current(),
@@ -360,7 +371,7 @@ async fn start(args: &MountArgs) -> Result<Started> {
         tokio::spawn(retry_loop(core.clone()));
     }
     let note = format!(
-        " (cache {}, {})",
+        " (cache {}, {}{metrics_note})",
         cache_dir.display(),
         if writable { "writable" } else { "read-only" }
     );

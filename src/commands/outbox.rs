@@ -349,7 +349,7 @@ async fn publish_one(
         Ok(r) => r,
         Err(e) => return Outcome::Failed(e),
     };
-    match publish(&ready.client, outbox, &item.id, None, None).await {
+    match publish(&ready.client, outbox, &item.id, None, None, &|_, _| {}).await {
         Ok(p) => {
             if let Ok(v) = adopt_hashed(outbox.data_path(&item.id), p.sha, p.len) {
                 let _ = ready.cache.insert_blob(v);

@@ -1,7 +1,7 @@
 //! `shacachefs serve`: the embedded server in the foreground until SIGINT or SIGTERM.
 
 use crate::cli::ServeArgs;
-use crate::server::{self, Limits, ServerOptions, TlsOptions};
+use crate::server::{self, Limits, ServerMetrics, ServerOptions, TlsOptions};
 use anyhow::{bail, Context, Result};
 
 /// The environment variable that may hold `USER:PASS` for uploads.
@@ -68,12 +68,20 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     );
     eprintln!("  download-cache-url = {scheme}://{addr}/shacache");
     eprintln!("  download-dir-url   = {scheme}://{addr}/shadir");
+    let metrics = std::sync::Arc::new(ServerMetrics::default());
+    if let Some(at) = args.metrics_listen {
+        let render = crate::metrics::render_registry(metrics.registry());
+        let bound = crate::metrics::start(at, render)
+            .await
+            .with_context(|| format!("--metrics-listen {at}"))?;
+        eprintln!("  metrics            = http://{bound}/metrics");
+    }
     let opts = ServerOptions {
         root: args.root,
         upload_user,
         tls,
     };
-    server::serve_with(listener, opts, limits, shutdown_signal()).await?;
+    server::serve_counted(listener, opts, limits, metrics, shutdown_signal()).await?;
     eprintln!("shacachefs: server stopped");
     Ok(())
 }

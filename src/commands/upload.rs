@@ -6,7 +6,7 @@
 //! one entry each under one key, named after the file, `--jobs` in flight at once (what
 //! `scripts/bench` loads its 20,000-entry key with).
 
-use super::{client_for, load_config, progress_bar, track};
+use super::{client_for, count_bar, load_config, progress_bar, track};
 use crate::cli::UploadArgs;
 use crate::client::Client;
 use crate::digest::Sha512;
@@ -160,6 +160,7 @@ async fn run_many(args: UploadArgs, client: Client, files: Vec<PathBuf>) -> Resu
         .collect::<Result<_>>()?;
     let client = Arc::new(client);
     let key: Arc<str> = key.into();
+    let bar = count_bar("upload", jobs.len() as u64);
     let mut results = futures_util::stream::iter(jobs.into_iter().map(|(path, meta)| {
         let (client, key) = (client.clone(), key.clone());
         tokio::spawn(async move { publish_one(&client, &key, path, &meta).await })
@@ -169,9 +170,11 @@ async fn run_many(args: UploadArgs, client: Client, files: Vec<PathBuf>) -> Resu
     let mut count = 0usize;
     while let Some(done) = results.next().await {
         let (path, sha) = done.context("an upload task panicked")??;
-        writeln!(out, "{sha}  {}", path.display())?;
+        bar.inc(1);
+        bar.suspend(|| writeln!(out, "{sha}  {}", path.display()))?;
         count += 1;
     }
+    bar.finish_and_clear();
     out.flush()?;
     tracing::info!("published {count} entries under key {key}");
     Ok(())

@@ -4,6 +4,7 @@
 //! bytes never enter the cache (only a `VerifiedFile` can) and are never served.
 
 use super::listings::{return_freed_memory, BIG_LISTING};
+use super::transfers::{Direction, Subject, Transfer};
 use super::{lock, Core, FsError, KeyListing};
 use crate::cache::BlobPin;
 use crate::digest::{Sha512, VerifiedFile};
@@ -128,8 +129,9 @@ impl Core {
     pub(super) async fn cached_or_fetched(
         &self,
         sha: &Sha512,
-        what: &str,
+        subject: Subject,
     ) -> Result<(Arc<File>, u64, BlobPin), FsError> {
+        let what = &subject.to_string();
         if let Some(h) = self.cache.open_blob(sha)? {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(h);
@@ -161,7 +163,9 @@ impl Core {
         self.stats
             .downloads_in_flight
             .fetch_add(1, Ordering::Relaxed);
-        let result = self.download(sha, what, &room).await;
+        let transfer = self.transfers.start(Direction::Download, subject, hint);
+        let result = self.download(sha, what, &room, &transfer).await;
+        drop(transfer);
         self.stats
             .downloads_in_flight
             .fetch_sub(1, Ordering::Relaxed);
@@ -185,9 +189,11 @@ impl Core {
         sha: &Sha512,
         what: &str,
         room: crate::remote::Room<'_>,
+        transfer: &Transfer,
     ) -> Result<VerifiedFile, FsError> {
         let started = Instant::now();
         let progress = |done: u64, total: Option<u64>| {
+            transfer.progress(done, total);
             tracing::trace!("{what}: {done}/{total:?} bytes");
         };
         match self
@@ -203,6 +209,7 @@ impl Core {
                 Ok(v)
             }
             Err(e @ RemoteError::Corrupt { .. }) => {
+                self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("{what}: downloaded content does not match twice: {e}");
                 Err(e.into())
             }

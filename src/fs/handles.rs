@@ -1,6 +1,7 @@
 //! Open files: a verified blob in the cache (pinned while open), generated content,
 //! or a staged file being written; and reads through them.
 
+use super::transfers::Subject;
 use super::{lock, read_full_at, write, Core, FsError, Node};
 use crate::cache::BlobPin;
 use crate::digest::Sha512;
@@ -49,21 +50,16 @@ impl Core {
     pub async fn open(self: &Arc<Self>, ino: u64) -> Result<(u64, Arc<Handle>), FsError> {
         let handle = match self.node(ino)? {
             Node::Entry { key, name, sha } => {
-                self.open_blob(&sha, &format!("key {key}: entry {name}"))
-                    .await?
+                self.open_blob(&sha, Subject::entry(&key, &name)).await?
             }
-            Node::Blob(sha) => {
-                self.open_blob(&sha, &format!(".sha512/{}", sha.short(16)))
-                    .await?
-            }
+            Node::Blob(sha) => self.open_blob(&sha, Subject::blob(&sha)).await?,
             Node::EntriesJson(key) => {
                 let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
                 Handle::Memory(listing.entries_json())
             }
             Node::Staged(id) => match self.published_node(&id) {
                 Some(Node::Entry { key, name, sha }) => {
-                    self.open_blob(&sha, &format!("key {key}: entry {name}"))
-                        .await?
+                    self.open_blob(&sha, Subject::entry(&key, &name)).await?
                 }
                 _ => self.open_staged(&id, false, None).await?,
             },
@@ -104,7 +100,7 @@ impl Core {
             .ok_or(FsError::BadHandle)
     }
 
-    pub(super) async fn open_blob(&self, sha: &Sha512, what: &str) -> Result<Handle, FsError> {
+    pub(super) async fn open_blob(&self, sha: &Sha512, what: Subject) -> Result<Handle, FsError> {
         let (file, size, pin) = self.cached_or_fetched(sha, what).await?;
         Ok(Handle::Blob {
             file,

@@ -507,6 +507,7 @@ impl Core {
         }
         self.stats.dir_requests.fetch_add(1, Ordering::Relaxed);
         let answer = self.client.store.get_dir(key).await;
+        self.stats.count_dir_answer(&answer);
         if answer.is_ok() {
             self.mark_reachable();
         }

@@ -11,7 +11,8 @@
 //! - `tree.rs`: lookup, attributes, directory listings, links, `mkdir`;
 //! - `handles.rs`: open files and reads; `xattr.rs`: extended attributes;
 //! - `write/`: staged files and their publish (see there); `status.rs`: the status
-//!   document; `inodes.rs`, `flight.rs` (keyed async locks), `error.rs` (the errno table).
+//!   document; `transfers.rs`: downloads and uploads in flight (for `status` and the
+//!   metrics); `inodes.rs`, `flight.rs` (keyed async locks), `error.rs` (the errno table).
 
 mod blobs;
 pub mod error;
@@ -22,6 +23,7 @@ mod listings;
 pub mod status;
 #[cfg(test)]
 mod tests;
+pub mod transfers;
 mod tree;
 mod write;
 pub use write::Busy;
@@ -141,6 +143,45 @@ pub struct Stats {
     pub early_resent: AtomicU64,
     /// Set by the FUSE adapter when the kernel granted passthrough.
     pub passthrough: std::sync::atomic::AtomicBool,
+    /// Downloads that failed verification (after the client's second, fresh attempt).
+    pub verify_failures: AtomicU64,
+    /// shadir answers by outcome: found, missing (404), unreachable (network error,
+    /// timeout, 5xx: the saved listing served), other errors.
+    pub dir_found: AtomicU64,
+    pub dir_missing: AtomicU64,
+    pub dir_unreachable: AtomicU64,
+    pub dir_failed: AtomicU64,
+    /// Seconds from the start of a successful publish to the entry PUT.
+    pub publish_seconds: PublishSeconds,
+}
+
+/// The publish latency histogram (buckets from 10 ms to about 20 min).
+#[derive(Debug, Clone)]
+pub struct PublishSeconds(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for PublishSeconds {
+    fn default() -> Self {
+        PublishSeconds(prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.01, 4.0, 10),
+        ))
+    }
+}
+
+impl Stats {
+    /// Counts one shadir answer by its outcome.
+    pub(crate) fn count_dir_answer(
+        &self,
+        answer: &Result<crate::remote::DirListing, crate::remote::RemoteError>,
+    ) {
+        use crate::remote::DirListing;
+        let counter = match answer {
+            Ok(DirListing::Found(_)) => &self.dir_found,
+            Ok(DirListing::Missing) => &self.dir_missing,
+            Err(e) if listings::is_unreachable(e) => &self.dir_unreachable,
+            Err(_) => &self.dir_failed,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The filesystem core.
@@ -170,6 +211,10 @@ pub struct Core {
     invalidator: std::sync::OnceLock<Invalidator>,
     /// When the servers last failed to answer (see `listings::mark_unreachable`).
     offline: Mutex<Option<tokio::time::Instant>>,
+    /// The last reachability probe of `status` (see `status.rs`).
+    probed: tokio::sync::Mutex<Option<status::Probed>>,
+    /// Downloads and uploads in flight.
+    pub transfers: Arc<transfers::Transfers>,
     pub stats: Stats,
 }
 
@@ -227,6 +272,8 @@ impl Core {
             staging,
             invalidator: std::sync::OnceLock::new(),
             offline: Mutex::new(None),
+            probed: tokio::sync::Mutex::new(None),
+            transfers: Arc::default(),
             client,
             cache,
             probes,

@@ -1,6 +1,11 @@
 //! What `shacachefs status MOUNTPOINT` shows, served by the running daemon as the root's
 //! `user.shacachefs.status` extended attribute (JSON): no socket, and only the mount's
 //! owner (or whoever can read the mount) can ask.
+//!
+//! Reading it often (`status --watch` redraws every second) costs no server request per
+//! read: whether shadir and shacache answer is probed at most every [`PROBE_EVERY`]; a
+//! read in between reuses the last probe's result, with its age (`probed_secs_ago`).
+//! Concurrent readers wait for one probe rather than each sending their own.
 
 use super::Core;
 use crate::digest::Sha512;
@@ -13,9 +18,52 @@ use std::time::Duration;
 /// The name of the attribute.
 pub const STATUS_XATTR: &str = "user.shacachefs.status";
 
+/// The reachability probes are sent at most this often.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// Transfers listed at most (oldest first): an extended attribute's value is at most
+/// 64 KiB; the rest are counted (`transfers_not_listed`).
+pub const MAX_LISTED: usize = 64;
+
+/// The last probe's answers.
+pub(super) struct Probed {
+    at: tokio::time::Instant,
+    shadir: Value,
+    shacache: Value,
+}
+
 impl Core {
-    /// The status document. Asks each service once (bounded by 3 s) whether it answers.
+    /// The status document: counters, transfers in flight, and whether each service
+    /// answers (probed at most every [`PROBE_EVERY`], bounded by 3 s).
     pub async fn status(self: &Arc<Self>) -> Value {
+        let (dir_state, cache_state, probed_ago) = {
+            let mut last = self.probed.lock().await;
+            let fresh = last
+                .as_ref()
+                .filter(|p| p.at.elapsed() < PROBE_EVERY)
+                .is_some();
+            if !fresh {
+                let (shadir, shacache) = self.probe_services().await;
+                *last = Some(Probed {
+                    at: tokio::time::Instant::now(),
+                    shadir,
+                    shacache,
+                });
+            }
+            match last.as_ref() {
+                Some(p) => (
+                    p.shadir.clone(),
+                    p.shacache.clone(),
+                    p.at.elapsed().as_secs_f64(),
+                ),
+                None => (Value::Null, Value::Null, 0.0),
+            }
+        };
+        self.status_document(dir_state, cache_state, probed_ago)
+    }
+
+    /// Asks each service once (bounded by 3 s) whether it answers.
+    async fn probe_services(&self) -> (Value, Value) {
         let remote = &self.client.store;
         let probe_dir = async {
             match tokio::time::timeout(
@@ -42,9 +90,15 @@ impl Core {
                 Err(_) => json!("no answer within 3 s"),
             }
         };
-        let (dir_state, cache_state) = tokio::join!(probe_dir, probe_cache);
+        tokio::join!(probe_dir, probe_cache)
+    }
+
+    fn status_document(&self, dir_state: Value, cache_state: Value, probed_ago: f64) -> Value {
         let (used, limit, blobs) = self.cache.usage();
         let s = &self.stats;
+        let mut transfers = self.transfers.list();
+        let not_listed = transfers.len().saturating_sub(MAX_LISTED);
+        transfers.truncate(MAX_LISTED);
         let servers: Vec<Value> = self
             .opts
             .servers
@@ -55,6 +109,7 @@ impl Core {
             "servers": servers,
             "shadir": dir_state,
             "shacache": cache_state,
+            "probed_secs_ago": (probed_ago * 10.0).round() / 10.0,
             "signature_mode": self.signature_mode(),
             "writable": self.opts.writable,
             "passthrough": s.passthrough.load(Ordering::Relaxed),
@@ -77,6 +132,18 @@ impl Core {
             "signature_verifications": self.client.verifier.verifications(),
             "size_probes": s.probes.load(Ordering::Relaxed),
             "outbox_pending": self.pending_count(),
+            "verification_failures": s.verify_failures.load(Ordering::Relaxed),
+            "hidden_entries": self.hidden_count(),
+            "transfers": transfers,
+            "transfers_not_listed": not_listed,
         })
+    }
+}
+
+impl Core {
+    /// Distinct entries hidden (untrusted: unsigned, or signed by no configured
+    /// certificate) among the listings this mount has built.
+    pub fn hidden_count(&self) -> usize {
+        super::lock(&self.logged_hidden).len()
     }
 }

@@ -15,6 +15,7 @@
 //! the pin on another node, answers `EOPNOTSUPP`, so `cp -a`, `rsync -X` and
 //! `tar --xattrs` go on without them.
 
+use super::transfers::Subject;
 use super::{status, Core, FsError, KeyListing, Node};
 use crate::digest::Sha512;
 use serde_json::{Map, Value};
@@ -236,20 +237,18 @@ impl Core {
 
     /// The blob a node shows, for pinning: an entry's, `latest`'s target's (now), a
     /// `.sha512/` file's, or a staged file's once published; `Unsupported` for others.
-    async fn pinnable_blob(self: &Arc<Self>, ino: u64) -> Result<(Sha512, String), FsError> {
+    async fn pinnable_blob(self: &Arc<Self>, ino: u64) -> Result<(Sha512, Subject), FsError> {
         match self.node(ino)? {
-            Node::Entry { key, name, sha } => Ok((sha, format!("key {key}: entry {name}"))),
-            Node::Blob(sha) => Ok((sha, format!(".sha512/{}", sha.short(16)))),
+            Node::Entry { key, name, sha } => Ok((sha, Subject::entry(&key, &name))),
+            Node::Blob(sha) => Ok((sha, Subject::blob(&sha))),
             Node::Latest(key) => {
                 let listing = self.listing(&key).await?.ok_or(FsError::NotFound)?;
                 let name = listing.latest.as_ref().ok_or(FsError::NotFound)?;
                 let f = listing.files.get(name).ok_or(FsError::NotFound)?;
-                Ok((f.entry.info.sha512, format!("key {key}: entry {name}")))
+                Ok((f.entry.info.sha512, Subject::entry(&key, name)))
             }
             Node::Staged(id) => match self.published_node(&id) {
-                Some(Node::Entry { key, name, sha }) => {
-                    Ok((sha, format!("key {key}: entry {name}")))
-                }
+                Some(Node::Entry { key, name, sha }) => Ok((sha, Subject::entry(&key, &name))),
                 _ => Err(FsError::Unsupported),
             },
             Node::Root | Node::ShaDir | Node::Key(_) | Node::EntriesJson(_) => {
@@ -277,7 +276,7 @@ impl Core {
             return Ok(());
         }
         for _ in 0..PIN_ATTEMPTS {
-            let (_file, len, held) = self.cached_or_fetched(&sha, &what).await?;
+            let (_file, len, held) = self.cached_or_fetched(&sha, what.clone()).await?;
             let cache = Arc::clone(&cache);
             if blocking(move || cache.pin_blob(&held)).await?? {
                 tracing::info!("{what}: pinned blob {} ({len} bytes)", sha.short(16));

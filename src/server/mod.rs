@@ -23,6 +23,7 @@ mod auth;
 mod blobs;
 mod dir;
 mod limits;
+pub mod metrics;
 mod reqline;
 mod response;
 mod routes;
@@ -30,6 +31,7 @@ pub mod store;
 mod tls;
 
 pub use limits::Limits;
+pub use metrics::ServerMetrics;
 pub use store::{blob_path, key_path, MAX_KEY_LEN};
 
 use hyper::server::conn::http1;
@@ -88,6 +90,8 @@ pub struct RunningServer {
     /// Dropping this sender is the shutdown signal.
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
+    /// Its counters (what `serve --metrics-listen` exposes).
+    pub metrics: Arc<ServerMetrics>,
 }
 
 impl RunningServer {
@@ -131,12 +135,17 @@ pub(crate) struct State {
     /// Uploads receiving a body at once; each holds a blocking writer thread, so beyond
     /// this the server answers 429 rather than let stalled clients exhaust the pool.
     pub(crate) uploads: std::sync::Arc<tokio::sync::Semaphore>,
+    pub(crate) metrics: Arc<ServerMetrics>,
     /// The root directory, `flock`ed shared while this server runs.
     _root_lock: std::fs::File,
 }
 
 impl State {
-    fn open(opts: &ServerOptions, limits: &Limits) -> std::io::Result<Self> {
+    fn open(
+        opts: &ServerOptions,
+        limits: &Limits,
+        metrics: Arc<ServerMetrics>,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(opts.root.join(store::CACHE_DIR))?;
         std::fs::create_dir_all(opts.root.join(store::DIR_DIR))?;
         let root_lock = std::fs::File::open(&opts.root)?;
@@ -151,7 +160,9 @@ impl State {
         // Downgrading (or waiting for the other server's shared lock) cannot fail for
         // long: nobody holds the lock exclusively but for the clean-up above.
         flock(&root_lock, libc::LOCK_SH)?;
+        metrics.set_root(&opts.root);
         Ok(State {
+            metrics,
             root: opts.root.clone(),
             upload_user: opts.upload_user.clone(),
             require_client_cert: opts
@@ -230,7 +241,18 @@ pub async fn serve_with(
     limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let state = State::open(&opts, &limits)?;
+    serve_counted(listener, opts, limits, Arc::default(), shutdown).await
+}
+
+/// [`serve_with`], counting into `metrics`.
+pub async fn serve_counted(
+    listener: TcpListener,
+    opts: ServerOptions,
+    limits: Limits,
+    metrics: Arc<ServerMetrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let state = State::open(&opts, &limits, metrics)?;
     serve_state(listener, opts, limits, state, shutdown).await
 }
 
@@ -333,7 +355,8 @@ pub async fn start_with(
     let addr = listener.local_addr()?;
     // Open the store and check the TLS files now, so `start` reports their errors
     // itself; the store stays open (and its root locked) for the server's life.
-    let state = State::open(&opts, &limits)?;
+    let metrics = Arc::new(ServerMetrics::default());
+    let state = State::open(&opts, &limits, metrics.clone())?;
     if let Some(t) = &opts.tls {
         tls::acceptor(t)?;
     }
@@ -347,6 +370,7 @@ pub async fn start_with(
         scheme,
         stop: Some(stop),
         task: Some(task),
+        metrics,
     })
 }
 
@@ -372,6 +396,7 @@ async fn connection(
     _ticket: limits::Ticket,
 ) {
     let _ = tcp.set_nodelay(true);
+    let tcp = metrics::Counted::new(tcp, state.metrics.clone());
     let send_timeout = state.limits.send_timeout;
     let Some(acceptor) = acceptor else {
         return drive(
@@ -429,7 +454,12 @@ async fn drive<I>(
     let header_timeout = state.limits.header_timeout;
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(routes::handle(&state, req, client_cert).await) }
+        async move {
+            let method = req.method().clone();
+            let resp = routes::handle(&state, req, client_cert).await;
+            state.metrics.request(&method, resp.status().as_u16());
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = http1::Builder::new();
     builder

@@ -1510,7 +1510,7 @@ async fn staging_that_does_not_fit_fails_with_enospc() {
         let client = core.client().clone();
         let r = within(
             "publishing the truncated item directly",
-            shacachefs::publish::publish(&client, &outbox, &item.id, None, None),
+            shacachefs::publish::publish(&client, &outbox, &item.id, None, None, &|_, _| {}),
         )
         .await;
         assert!(

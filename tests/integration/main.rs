@@ -16,6 +16,7 @@ mod mount;
 mod nginx_cdn;
 mod ops;
 mod pin;
+mod progress;
 mod remote;
 mod server;
 mod server_limits;

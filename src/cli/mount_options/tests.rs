@@ -258,3 +258,34 @@ fn the_shipped_helper_and_unit_use_names_the_binary_knows() {
     assert!(m.foreground);
     assert_eq!(m.mountpoint, Path::new("/mnt/shacache"));
 }
+
+#[test]
+fn metrics_listen_as_a_flag_and_an_option() {
+    let m = mount_args(&["shacachefs", "mount", "/mnt", "--metrics-listen", "9100"]);
+    assert_eq!(m.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+    let m = mount_args(&[
+        "shacachefs",
+        "mount",
+        "/mnt",
+        "-o",
+        "metrics_listen=0.0.0.0:9101",
+    ]);
+    assert_eq!(m.metrics_listen, Some("0.0.0.0:9101".parse().unwrap()));
+    // The mount(8) helper's form.
+    let m = mount_args(&[
+        "mount.fuse.shacachefs",
+        "/cfg",
+        "/mnt",
+        "-o",
+        "metrics-listen=9102",
+    ]);
+    assert_eq!(m.metrics_listen, Some("127.0.0.1:9102".parse().unwrap()));
+    assert!(matches!(
+        refusal("metrics_listen=localhost"),
+        MountOptionError::BadValue { .. }
+    ));
+    assert!(matches!(
+        refusal("metrics_listen"),
+        MountOptionError::NeedsValue(_)
+    ));
+}

@@ -173,3 +173,53 @@ async fn a_listing_costs_one_request_and_one_probe_per_blob() {
         "nothing read, nothing fetched"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_download_in_flight_is_listed_with_its_entry_until_it_ends() {
+    use crate::fs::transfers::Direction;
+    let rig = Arc::new(rig_with(&[("a", b"some bytes")]));
+    let ino = rig.attr("k", "a").await.unwrap().ino;
+    assert!(rig.core.transfers.list().is_empty());
+    let hold = rig.store.hold(Op::Fetch);
+    let reader = {
+        let rig = rig.clone();
+        tokio::spawn(async move { rig.read(ino).await })
+    };
+    hold.wait_arrived(1).await;
+    let list = rig.core.transfers.list();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].direction, Direction::Download);
+    assert_eq!(
+        (list[0].key.as_deref(), list[0].name.as_str()),
+        (Some("k"), "a")
+    );
+    assert_eq!(list[0].total_bytes, Some(10), "the probed size");
+    let status = rig.core.status().await;
+    assert_eq!(status["transfers"][0]["name"], "a");
+    assert_eq!(status["transfers"][0]["direction"], "download");
+    hold.release();
+    assert_eq!(reader.await.unwrap().unwrap(), b"some bytes");
+    assert!(rig.core.transfers.list().is_empty());
+    assert_eq!(rig.core.status().await["transfers"], serde_json::json!([]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_probes_the_servers_at_most_every_few_seconds() {
+    use crate::fs::status::PROBE_EVERY;
+    let rig = rig_with(&[]);
+    let (dirs, probes) = (rig.store.calls(Op::GetDir), rig.store.calls(Op::Probe));
+    let first = rig.core.status().await;
+    assert_eq!(first["shadir"], "answers");
+    assert_eq!(rig.store.calls(Op::GetDir), dirs + 1);
+    assert_eq!(rig.store.calls(Op::Probe), probes + 1);
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let again = rig.core.status().await;
+        assert_eq!(again["shadir"], "answers", "the last probe's answer");
+    }
+    assert_eq!(rig.store.calls(Op::GetDir), dirs + 1, "no request per read");
+    tokio::time::advance(PROBE_EVERY).await;
+    rig.core.status().await;
+    assert_eq!(rig.store.calls(Op::GetDir), dirs + 2);
+    assert_eq!(rig.store.calls(Op::Probe), probes + 2);
+}

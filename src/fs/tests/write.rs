@@ -513,3 +513,41 @@ async fn a_known_key_stays_writable_offline_and_pending_files_go_out_when_server
     rig.core.release_handle(fh).await;
     assert_eq!(rig.core.pending_count(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_publish_in_flight_is_listed_as_an_upload_and_timed() {
+    use crate::fs::transfers::Direction;
+    let rig = Rig::new();
+    let parent = rig.key("k").await;
+    let (_, fh, _) = rig.core.create(parent, "up.bin", ME).await.unwrap();
+    rig.core.write(fh, 0, b"0123456789").await.unwrap();
+    let hold = rig.store.hold(Op::PutDir);
+    let core = rig.core.clone();
+    let flush = tokio::spawn(async move { core.flush(fh, ME).await });
+    hold.wait_arrived(1).await;
+    let list = rig.core.transfers.list();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].direction, Direction::Upload);
+    assert_eq!(
+        (list[0].key.as_deref(), list[0].name.as_str()),
+        (Some("k"), "up.bin")
+    );
+    assert_eq!(list[0].total_bytes, Some(10));
+    assert_eq!(list[0].done_bytes, 10, "the blob went before the entry");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    hold.release();
+    flush.await.unwrap().unwrap();
+    rig.core.release_handle(fh).await;
+    assert!(rig.core.transfers.list().is_empty());
+    let render = crate::metrics::render_registry(crate::metrics::mount_registry(rig.core.clone()));
+    let text = render();
+    for line in [
+        "shacachefs_publish_seconds_count 1",
+        "shacachefs_publish_seconds_bucket{le=\"0.64\"} 0",
+        "shacachefs_publish_seconds_bucket{le=\"2.56\"} 1",
+        "shacachefs_published_entries_total 1",
+        "shacachefs_uploaded_bytes_total 10",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+    }
+}

@@ -7,6 +7,7 @@ use super::super::{lock, Core, FsError, Node};
 use super::staging::{EarlyUpload, Phase, Staging};
 use crate::digest::{adopt_hashed, Sha512};
 use crate::fs::listings::is_offline;
+use crate::fs::transfers::{Direction, Subject};
 use crate::growing::Growing;
 use crate::naming::KEY_RESERVED;
 use crate::publish::{publish, PublishError};
@@ -75,13 +76,24 @@ impl Core {
         };
         let growing = Arc::new(Growing::default());
         growing.grow(len);
+        let subject = match st.items.get(id) {
+            Some(i) => Subject::entry(&i.key, &i.name),
+            None => Subject::entry("", id),
+        };
+        let transfer = self.transfers.start_growing(subject, growing.clone());
         let remote = self.client.store.clone();
         let g = growing.clone();
         let task = rt.spawn(async move { remote.post_growing(g, file).await });
         self.stats.early_started.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("outbox item {id}: upload started while the file is written");
-        st.early
-            .insert(id.to_string(), EarlyUpload { growing, task });
+        st.early.insert(
+            id.to_string(),
+            EarlyUpload {
+                growing,
+                task,
+                transfer,
+            },
+        );
     }
 
     /// Waits for the early upload of `id` (now complete at `len` bytes): `Some(true)`
@@ -95,7 +107,11 @@ impl Core {
         sha: &Sha512,
         len: u64,
     ) -> Option<bool> {
-        let EarlyUpload { growing, mut task } = early;
+        let EarlyUpload {
+            growing,
+            mut task,
+            transfer: _transfer,
+        } = early;
         if !growing.finish(len) {
             task.abort();
             return None;
@@ -179,6 +195,7 @@ impl Core {
 
     /// Publishes a staged item; on success its bytes move into the cache.
     pub(super) async fn publish_staged(self: &Arc<Self>, id: &str) -> Result<(), FsError> {
+        let started = tokio::time::Instant::now();
         let outbox = self.writable_outbox()?.clone();
         let Some(info) = lock(&self.staging).items.get(id).cloned() else {
             return Ok(());
@@ -232,6 +249,16 @@ impl Core {
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }
+        let transfer = self.transfers.start(
+            Direction::Upload,
+            Subject::entry(&info.key, &info.name),
+            known.map(|(_, len)| len),
+        );
+        if let (Some(_), Some((_, len))) = (blob, known) {
+            // The blob went up while the file was written (or shacache had it).
+            transfer.progress(len, Some(len));
+        }
+        let progress = |done: u64, total: Option<u64>| transfer.progress(done, total);
         let published = if self.known_unreachable() {
             // No connect timeout per file while the servers are known to be away.
             Err(PublishError::Remote(RemoteError::Network {
@@ -239,8 +266,9 @@ impl Core {
                 message: "unreachable a moment ago; kept in the outbox until they answer".into(),
             }))
         } else {
-            publish(&self.client, &outbox, id, known, blob).await
+            publish(&self.client, &outbox, id, known, blob, &progress).await
         };
+        drop(transfer);
         match &published {
             Ok(_) => self.mark_reachable(),
             Err(PublishError::Remote(r)) if is_offline(r) => self.mark_unreachable(r),
@@ -268,6 +296,10 @@ impl Core {
                 self.cache.record_size(&p.sha, p.len);
                 self.cache.add_known_key(&p.key);
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .publish_seconds
+                    .0
+                    .observe(started.elapsed().as_secs_f64());
                 if p.uploaded {
                     self.stats
                         .bytes_uploaded

@@ -96,6 +96,8 @@ pub(super) struct SeqHashes(pub(super) HashMap<String, StreamHasher>);
 pub(super) struct EarlyUpload {
     pub(super) growing: Arc<Growing>,
     pub(super) task: tokio::task::JoinHandle<Result<Sha512, RemoteError>>,
+    /// Listed in `status` while it runs (until this is dropped).
+    pub(super) transfer: crate::fs::transfers::Transfer,
 }
 
 /// Sequential data a staged file needs before its upload starts while it is written:
