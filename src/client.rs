@@ -282,14 +282,19 @@ impl Client {
 
     /// The signed entry for a blob and its metadata, as the reference client writes it.
     pub fn make_entry(&self, sha: &Sha512, metadata: &Map<String, Value>) -> RawEntry {
-        let inner = build_inner(sha, metadata);
-        let signature = self
-            .signer
-            .as_ref()
-            .map(|s| s.sign(&inner))
-            .unwrap_or_default();
-        RawEntry { inner, signature }
+        sign_entry(self.signer.as_ref(), sha, metadata)
     }
+}
+
+/// The entry for a blob and its metadata, signed by `signer` (unsigned without one).
+pub fn sign_entry(
+    signer: Option<&Signer>,
+    sha: &Sha512,
+    metadata: &Map<String, Value>,
+) -> RawEntry {
+    let inner = build_inner(sha, metadata);
+    let signature = signer.map(|s| s.sign(&inner)).unwrap_or_default();
+    RawEntry { inner, signature }
 }
 
 /// Blobs up to this size are uploaded without a probe first (see `Client::ensure_blob`).

@@ -150,6 +150,11 @@ impl StreamHasher {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// True while the hash is computed on the caller's thread: [`StreamHasher::finish`]
+    /// then only hashes the last block (no thread to wait for).
+    pub fn is_inline(&self) -> bool {
+        matches!(self.state, HashState::Inline(_))
+    }
     /// The digest of everything fed.
     pub fn finish(self) -> io::Result<Sha512> {
         self.state.finalize()

@@ -3,7 +3,7 @@
 //! entry second (signed, saved in the outbox, then PUT with 201 checked). A failure is
 //! recorded in the item, whose data stays in the outbox untouched.
 
-use crate::client::Client;
+use crate::client::{sign_entry, Client};
 use crate::digest::Sha512;
 use crate::outbox::Outbox;
 use crate::remote::{Progress, RemoteError};
@@ -99,26 +99,47 @@ pub async fn publish(
                 .map_err(std::io::Error::other)??
         }
     };
-    let entry = match item.meta.signed_entry() {
-        Some(e) if item.meta.sha512.as_deref() == Some(sha.hex().as_str()) => e,
-        _ => {
-            let e = client.make_entry(&sha, &entry_metadata(&item.meta.name, &item.meta.extra));
-            item.meta.sha512 = Some(sha.hex());
-            item.meta.entry = Some((e.inner.clone(), e.signature.clone()));
-            outbox.save(&item)?;
-            e
+    // The entry is signed on a blocking thread (RSA is the costliest step of a small
+    // file's publish) while the blob goes up; it is saved in the item before the PUT,
+    // so that a retry publishes this very entry.
+    let reuse = match item.meta.signed_entry() {
+        Some(e) if item.meta.sha512.as_deref() == Some(sha.hex().as_str()) => Some(e),
+        _ => None,
+    };
+    let metadata = entry_metadata(&item.meta.name, &item.meta.extra);
+    let signing = async {
+        match reuse {
+            Some(e) => Ok((e, false)),
+            None => {
+                let signer = client.signer.clone();
+                tokio::task::spawn_blocking(move || {
+                    (sign_entry(signer.as_ref(), &sha, &metadata), true)
+                })
+                .await
+                .map_err(std::io::Error::other)
+            }
         }
     };
-    let key = item.meta.key.clone();
-    let attempt = async {
-        let uploaded = match blob {
-            Some(uploaded) => uploaded,
+    let upload = async {
+        match blob {
+            Some(uploaded) => Ok(uploaded),
             None => {
                 client
                     .ensure_blob(&path, &sha, outbox.dir(), progress)
-                    .await?
+                    .await
             }
-        };
+        }
+    };
+    let (signed, uploaded) = tokio::join!(signing, upload);
+    let (entry, signed_now) = signed?;
+    if signed_now {
+        item.meta.sha512 = Some(sha.hex());
+        item.meta.entry = Some((entry.inner.clone(), entry.signature.clone()));
+        outbox.save(&item)?;
+    }
+    let key = item.meta.key.clone();
+    let attempt = async {
+        let uploaded = uploaded?;
         // Once more just before the entry goes out: a write may have failed meanwhile.
         if outbox.is_incomplete(id) {
             return Ok(None);

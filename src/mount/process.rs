@@ -10,7 +10,14 @@ fn tgid_of(pid: u32) -> Option<u32> {
     if pid == 0 {
         return None;
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    // `Tgid:` is the fourth line (after `Name:`, whose value is at most 64 bytes,
+    // `Umask:` and `State:`): one read of the start, not the whole file (a read of
+    // /proc grows its buffer from 32 bytes, eight system calls for this file).
+    use std::io::Read;
+    let mut buf = [0u8; 512];
+    let mut f = std::fs::File::open(format!("/proc/{pid}/status")).ok()?;
+    let n = f.read(&mut buf).ok()?;
+    let status = String::from_utf8_lossy(&buf[..n]);
     status
         .lines()
         .find_map(|l| l.strip_prefix("Tgid:"))

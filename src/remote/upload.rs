@@ -27,6 +27,9 @@ const READ_SIZE: usize = 256 << 10;
 /// Most of a 201's body read (a hash is 128 characters).
 const ANSWER_BYTES: usize = 4096;
 
+/// Files up to this size are sent from memory (read at once) rather than streamed.
+const IN_MEMORY_BODY: u64 = 64 << 10;
+
 pub(super) async fn post(
     remote: &Remote,
     path: &Path,
@@ -51,24 +54,35 @@ async fn post_once(
 ) -> Result<(), RemoteError> {
     let inner = &remote.inner;
     let limits = &inner.limits;
-    let file = tokio::fs::File::open(path).await?;
-    let len = file.metadata().await?.len();
-
     // Bytes the HTTP stack has pulled from the file so far: hyper asks for the next
     // chunk only when the previous one is written, so this follows the socket.
     let pulled = Arc::new(AtomicU64::new(0));
-    let counter = Arc::clone(&pulled);
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, READ_SIZE).inspect_ok(
-        move |chunk: &bytes::Bytes| {
-            counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        },
-    );
+    let small = std::fs::metadata(path).is_ok_and(|m| m.len() <= IN_MEMORY_BODY);
+    let (body, len) = if small {
+        // A small file is read here at once (the page cache has it: it was just
+        // written) rather than streamed through the blocking pool, whose hops cost
+        // more than the read for a `cp` of many small files.
+        let bytes = std::fs::read(path)?;
+        let len = bytes.len() as u64;
+        pulled.store(len, Ordering::Relaxed);
+        (reqwest::Body::from(bytes), len)
+    } else {
+        let file = tokio::fs::File::open(path).await?;
+        let len = file.metadata().await?.len();
+        let counter = Arc::clone(&pulled);
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, READ_SIZE).inspect_ok(
+            move |chunk: &bytes::Bytes| {
+                counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            },
+        );
+        (reqwest::Body::wrap_stream(stream), len)
+    };
     let mut req = inner
         .cache_client
         .post(url)
         .header(CONTENT_TYPE, "application/octet-stream")
         .header(CONTENT_LENGTH, len)
-        .body(reqwest::Body::wrap_stream(stream));
+        .body(body);
     if let Some(auth) = inner.upload_cache.as_ref().and_then(|e| e.auth()) {
         req = req.header(AUTHORIZATION, auth.clone());
     }

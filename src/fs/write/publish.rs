@@ -221,6 +221,12 @@ impl Core {
             (st.seq.0.remove(id), st.early.remove(id))
         };
         let known = match seq {
+            // Hashed as written: only a hashing thread (big files) is waited for off
+            // the runtime.
+            Some(h) if h.is_inline() => {
+                let len = h.len();
+                h.finish().ok().map(|sha| (sha, len))
+            }
             Some(h) => {
                 let len = h.len();
                 tokio::task::spawn_blocking(move || h.finish())
