@@ -298,7 +298,7 @@ pub fn sign_entry(
 }
 
 /// Blobs up to this size are uploaded without a probe first (see `Client::ensure_blob`).
-pub const SEND_WITHOUT_PROBE: u64 = 64 << 10;
+pub use crate::remote::SMALL_BLOB as SEND_WITHOUT_PROBE;
 
 /// The `.entries.json` / `ls --json` document: `[{"name", "sha512", "metadata",
 /// "signer"}]` in name order.

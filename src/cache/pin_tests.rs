@@ -1,18 +1,10 @@
 //! Persistent pins on temporary directories: eviction pressure, a second `Cache` on the
 //! same directory (as another process would have), reopening, `fsck`.
 
+use super::tests::open;
 use super::*;
 use crate::digest::HashingFile;
 use std::sync::atomic::Ordering;
-
-fn open(dir: &Path, max_bytes: u64) -> Arc<Cache> {
-    Cache::open(CacheOptions {
-        dir: dir.to_path_buf(),
-        max_bytes,
-        namespace: "http://shadir.example/".into(),
-    })
-    .unwrap()
-}
 
 /// Inserts a blob of `len` bytes of `fill` and returns its name.
 fn put(cache: &Cache, fill: u8, len: usize) -> Sha512 {

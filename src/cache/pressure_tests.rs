@@ -3,19 +3,11 @@
 //! never trusted over a verified file, one descriptor per blob, and `close` waiting for
 //! the background fsyncs.
 
+use super::tests::open;
 use super::*;
 use crate::digest::HashingFile;
 use std::fs;
 use std::io::Read;
-
-fn open(dir: &Path, max_bytes: u64) -> Arc<Cache> {
-    Cache::open(CacheOptions {
-        dir: dir.to_path_buf(),
-        max_bytes,
-        namespace: "http://shadir.example/".into(),
-    })
-    .unwrap()
-}
 
 fn verified(cache: &Cache, bytes: &[u8]) -> VerifiedFile {
     let mut f = HashingFile::new_in(cache.tmp_dir()).unwrap();

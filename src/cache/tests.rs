@@ -14,7 +14,8 @@ fn opts(dir: &Path, max_bytes: u64) -> CacheOptions {
     }
 }
 
-fn open(dir: &Path, max_bytes: u64) -> Arc<Cache> {
+/// A cache on `dir` with a limit of `max_bytes` (shared by the cache's test modules).
+pub(super) fn open(dir: &Path, max_bytes: u64) -> Arc<Cache> {
     Cache::open(opts(dir, max_bytes)).unwrap()
 }
 

@@ -3,7 +3,7 @@
 //! blob however many openers, room in the cache reserved as bytes arrive). Unverified
 //! bytes never enter the cache (only a `VerifiedFile` can) and are never served.
 
-use super::listings::{return_freed_memory, BIG_LISTING};
+use super::listings::return_freed_memory_after;
 use super::transfers::{Direction, Subject, Transfer};
 use super::{lock, Core, FsError, KeyListing};
 use crate::cache::BlobPin;
@@ -74,7 +74,7 @@ impl Core {
             self.opts.probe_concurrency.max(1),
         ));
         let core = self.clone();
-        let (many, all) = (unknown.len() >= BIG_LISTING, width.available_permits());
+        let (count, all) = (unknown.len(), width.available_permits());
         rt.spawn(async move {
             for sha in unknown {
                 let Ok(permit) = width.clone().acquire_owned().await else {
@@ -89,8 +89,8 @@ impl Core {
                 });
             }
             // Thousands of requests leave their buffers freed in the heap: handed back.
-            if many && width.acquire_many(all as u32).await.is_ok() {
-                return_freed_memory();
+            if width.acquire_many(all as u32).await.is_ok() {
+                return_freed_memory_after(count);
             }
         });
     }

@@ -50,9 +50,7 @@ impl KeyListing {
             // (Recorded by `entries_json`.)
             None => {
                 let n = self.entries_json().len() as u64;
-                if self.files.len() >= BIG_LISTING {
-                    return_freed_memory();
-                }
+                return_freed_memory_after(self.files.len());
                 n
             }
         }
@@ -73,13 +71,17 @@ pub struct FileEntry {
 }
 
 /// A listing this big leaves megabytes of transients behind (the answer's body, its
-/// parse): handed back to the system once it is built.
-pub const BIG_LISTING: usize = 1000;
+/// parse, its `.entries.json`, its directory snapshot).
+const BIG_LISTING: usize = 1000;
 
-/// Gives the heap's free memory back to the system. glibc keeps what a big listing's
-/// build freed (a 20,000-entry key's answer and its parse, tens of MB) in the process
-/// for ever otherwise: the daemon's RSS stayed at its peak.
-pub fn return_freed_memory() {
+/// Gives the heap's free memory back to the system after work on a listing of `entries`
+/// entries, when it was big. glibc keeps what a big listing's build freed (a 20,000-entry
+/// key's answer and its parse, tens of MB) in the process for ever otherwise: the
+/// daemon's RSS stayed at its peak.
+pub fn return_freed_memory_after(entries: usize) {
+    if entries < BIG_LISTING {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap memory; it takes the allocator's
     // locks itself.
@@ -195,9 +197,7 @@ impl Core {
 
     pub(super) fn remember(self: &Arc<Self>, key: &str, listing: Listing) -> Arc<KeyListing> {
         let built = Arc::new(self.build(key, listing));
-        if built.files.len() >= BIG_LISTING {
-            return_freed_memory();
-        }
+        return_freed_memory_after(built.files.len());
         let old = lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
         if let Some(KeyState::Listed(old)) = old {
             self.tell_changes(key, &old, &built);
@@ -211,21 +211,43 @@ impl Core {
     /// `.entries.json`), else it would serve the old answers until its own timeouts,
     /// or for ever for a cached symlink.
     pub(super) fn tell_changes(&self, key: &str, old: &KeyListing, new: &KeyListing) {
+        let names = old
+            .files
+            .iter()
+            .filter(|(name, f)| {
+                new.files.get(*name).map(|n| n.entry.info.sha512) != Some(f.entry.info.sha512)
+            })
+            .map(|(name, _)| name.clone());
+        // `.entries.json` changes with any entry (a name, a blob, metadata).
+        let entries_changed = || {
+            old.files.len() != new.files.len()
+                || !old.files.iter().all(|(name, f)| {
+                    new.files.get(name).is_some_and(|n| {
+                        Arc::ptr_eq(&n.entry, &f.entry) || n.entry.raw == f.entry.raw
+                    })
+                })
+        };
+        self.tell_kernel(key, old, new, names, entries_changed);
+    }
+
+    /// Queues the notices for `key` once the kernel knows its directory: `names` to
+    /// forget, `latest` when its target moved from `old` to `new`, `.entries.json`'s
+    /// attributes when `entries_changed` says so (both asked only then).
+    fn tell_kernel(
+        &self,
+        key: &str,
+        old: &KeyListing,
+        new: &KeyListing,
+        names: impl IntoIterator<Item = String>,
+        entries_changed: impl FnOnce() -> bool,
+    ) {
         let mut notices = Vec::new();
         {
             let inodes = lock(&self.inodes);
             let Some(parent) = inodes.known(&Node::Key(key.to_string())) else {
                 return;
             };
-            for (name, f) in &old.files {
-                let now = new.files.get(name).map(|n| n.entry.info.sha512);
-                if now != Some(f.entry.info.sha512) {
-                    notices.push(Notice::Entry {
-                        parent,
-                        name: name.clone(),
-                    });
-                }
-            }
+            notices.extend(names.into_iter().map(|name| Notice::Entry { parent, name }));
             if old.latest != new.latest {
                 if let Some(ino) = inodes.known(&Node::Latest(key.to_string())) {
                     notices.push(Notice::Inode(ino));
@@ -235,14 +257,7 @@ impl Core {
                     name: "latest".into(),
                 });
             }
-            // `.entries.json` changes with any entry (a name, a blob, metadata).
-            let same = old.files.len() == new.files.len()
-                && old.files.iter().all(|(name, f)| {
-                    new.files.get(name).is_some_and(|n| {
-                        Arc::ptr_eq(&n.entry, &f.entry) || n.entry.raw == f.entry.raw
-                    })
-                });
-            if !same {
+            if entries_changed() {
                 if let Some(ino) = inodes.known(&Node::EntriesJson(key.to_string())) {
                     notices.push(Notice::Inode(ino));
                 }
@@ -288,7 +303,9 @@ impl Core {
             Some((built, name)) => {
                 let built = Arc::new(built);
                 lock(&self.keys).insert(key.to_string(), KeyState::Listed(built.clone()));
-                self.tell_new_name(key, &name, &old, &built);
+                // The new name (a negative entry the kernel may hold), `latest` when
+                // it moved, `.entries.json`.
+                self.tell_kernel(key, &old, &built, [name], || true);
                 built
             }
             None => {
@@ -363,37 +380,6 @@ impl Core {
             entries_json_len: OnceLock::new(),
         };
         Some((listing, name))
-    }
-
-    /// The kernel's view after [`Core::with_new_label`]: the new name (a negative
-    /// entry it may hold), `latest` when it moved, `.entries.json`.
-    fn tell_new_name(&self, key: &str, name: &str, old: &KeyListing, new: &KeyListing) {
-        let mut notices = Vec::new();
-        {
-            let inodes = lock(&self.inodes);
-            let Some(parent) = inodes.known(&Node::Key(key.to_string())) else {
-                return;
-            };
-            notices.push(Notice::Entry {
-                parent,
-                name: name.to_string(),
-            });
-            if old.latest != new.latest {
-                if let Some(ino) = inodes.known(&Node::Latest(key.to_string())) {
-                    notices.push(Notice::Inode(ino));
-                }
-                notices.push(Notice::Entry {
-                    parent,
-                    name: "latest".into(),
-                });
-            }
-            if let Some(ino) = inodes.known(&Node::EntriesJson(key.to_string())) {
-                notices.push(Notice::Inode(ino));
-            }
-        }
-        for n in notices {
-            self.notify(n);
-        }
     }
 
     /// Saves `key`'s listing in the cache [`SAVE_AFTER_PUBLISH`] from now, once for

@@ -33,7 +33,7 @@ pub(crate) use blobs::{read_full_at, room_in};
 pub use handles::Handle;
 pub(crate) use listings::listing_body;
 use listings::{mtime_of, KeyState};
-pub use listings::{return_freed_memory, FileEntry, KeyListing, BIG_LISTING};
+pub use listings::{return_freed_memory_after, FileEntry, KeyListing};
 pub use tree::Statfs;
 
 use crate::cache::Cache;

@@ -142,6 +142,15 @@ impl FuseFs {
         );
     }
 
+    /// The directory handle `fh` (its listing taken at `opendir`).
+    fn dir_handle(&self, fh: u64) -> Option<Arc<DirHandle>> {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned()
+    }
+
     /// An attribute reply, its size recorded (see `passthrough::Shown`).
     fn attr_reply(&self) -> impl FnOnce(Attr, ReplyAttr) + Send + 'static {
         let (served, ttl) = (self.served.clone(), self.core.ttl());
@@ -587,12 +596,7 @@ impl Filesystem for FuseFs {
         offset: i64,
         reply: ReplyDirectory,
     ) {
-        let snapshot = self
-            .dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh)
-            .cloned();
+        let snapshot = self.dir_handle(fh);
         if let Some(handle) = snapshot {
             return fill(&handle.entries, offset, reply);
         }
@@ -615,12 +619,7 @@ impl Filesystem for FuseFs {
         offset: i64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let snapshot = self
-            .dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh)
-            .cloned();
+        let snapshot = self.dir_handle(fh);
         let Some(handle) = snapshot else {
             return reply.error(FsError::BadHandle.errno());
         };
@@ -659,10 +658,9 @@ impl Filesystem for FuseFs {
             .remove(&fh);
         reply.ok();
         // A big key's listing (and what its reads made) back to the system, not kept
-        // by the allocator after each `ls`.
-        if handle.is_some_and(|h| h.entries.len() >= crate::fs::BIG_LISTING) {
-            crate::fs::return_freed_memory();
-        }
+        // by the allocator after each `ls` (the handle is dropped first).
+        let entries = handle.map_or(0, |h| h.entries.len());
+        crate::fs::return_freed_memory_after(entries);
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {

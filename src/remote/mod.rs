@@ -35,6 +35,7 @@ mod tls;
 mod upload;
 
 pub use http::redact_url;
+pub use upload::SMALL_BLOB;
 pub(crate) use upload::{await_sent, SendWait};
 
 use crate::config::TlsFiles;

@@ -27,8 +27,10 @@ const READ_SIZE: usize = 256 << 10;
 /// Most of a 201's body read (a hash is 128 characters).
 const ANSWER_BYTES: usize = 4096;
 
-/// Files up to this size are sent from memory (read at once) rather than streamed.
-const IN_MEMORY_BODY: u64 = 64 << 10;
+/// Blobs up to this size are sent from memory (read at once) rather than streamed, and
+/// without a probe first (`client::Client::ensure_blob`): their bytes cost less than a
+/// round trip.
+pub const SMALL_BLOB: u64 = 64 << 10;
 
 pub(super) async fn post(
     remote: &Remote,
@@ -57,7 +59,7 @@ async fn post_once(
     // Bytes the HTTP stack has pulled from the file so far: hyper asks for the next
     // chunk only when the previous one is written, so this follows the socket.
     let pulled = Arc::new(AtomicU64::new(0));
-    let small = std::fs::metadata(path).is_ok_and(|m| m.len() <= IN_MEMORY_BODY);
+    let small = std::fs::metadata(path).is_ok_and(|m| m.len() <= SMALL_BLOB);
     let (body, len) = if small {
         // A small file is read here at once (the page cache has it: it was just
         // written) rather than streamed through the blocking pool, whose hops cost

@@ -29,16 +29,6 @@ fn write_and_close(path: &Path, data: &[u8]) -> std::io::Result<()> {
     support::close_checked(f)
 }
 
-fn status_json(mnt: &Path) -> serde_json::Value {
-    let out = run(shacachefs([
-        "status".as_ref(),
-        "--json".as_ref(),
-        mnt.as_os_str(),
-    ]));
-    out.assert_success();
-    serde_json::from_str(&out.stdout_text()).expect("status --json prints JSON")
-}
-
 #[test]
 fn status_counters_follow_reads_and_uploads() {
     let server = Server::start();

@@ -55,6 +55,17 @@ impl World {
         self.dir.path().join("cache")
     }
 
+    /// `shacachefs prefetch -c CFG --cache-dir CACHE FLAGS… k` from another process.
+    fn prefetch(&self, cfg: &Path, flags: &[&str]) -> Output {
+        let cache = self.cache();
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["prefetch".as_ref(), "-c".as_ref(), cfg.as_os_str()];
+        args.extend(["--cache-dir".as_ref(), cache.as_os_str()]);
+        args.extend(flags.iter().map(std::ffi::OsStr::new));
+        args.push("k".as_ref());
+        cli(&args)
+    }
+
     fn mount(&self) -> Mount {
         Mount::in_dir(
             &self.cfg,
@@ -213,17 +224,7 @@ fn other_attributes_are_still_not_supported() {
 #[test]
 fn prefetch_latest_pin_then_read_offline() {
     let mut w = World::new(&["old", "new"]);
-    let cache = w.cache();
-    let out = cli(&[
-        "prefetch".as_ref(),
-        "-c".as_ref(),
-        w.cfg.as_os_str(),
-        "--cache-dir".as_ref(),
-        cache.as_os_str(),
-        "--latest".as_ref(),
-        "--pin".as_ref(),
-        "k".as_ref(),
-    ]);
+    let out = w.prefetch(&w.cfg, &["--latest", "--pin"]);
     out.assert_success();
     assert!(
         out.stdout_text().contains("k: 1 blobs") && out.stdout_text().contains("1 pinned"),
@@ -247,15 +248,7 @@ fn a_running_mount_respects_pins_made_by_prefetch() {
     w.read_ok(&m, "a");
     w.read_ok(&m, "b");
     // Another process pins what the mount holds as its least recently used blobs.
-    let out = cli(&[
-        "prefetch".as_ref(),
-        "-c".as_ref(),
-        w.cfg.as_os_str(),
-        "--cache-dir".as_ref(),
-        w.cache().as_os_str(),
-        "--pin".as_ref(),
-        "k".as_ref(),
-    ]);
+    let out = w.prefetch(&w.cfg, &["--pin"]);
     out.assert_success();
     assert!(out.stdout_text().contains("4 pinned"), "{}", out.describe());
     w.read_ok(&m, "c");
@@ -269,15 +262,7 @@ fn a_running_mount_respects_pins_made_by_prefetch() {
     assert_eq!(pinned_bytes(&m), json!(4 * BLOB));
     // `prefetch --unpin` from another process: the mount's next eviction frees the
     // least recently used blobs down to its limit.
-    let out = cli(&[
-        "prefetch".as_ref(),
-        "-c".as_ref(),
-        w.cfg.as_os_str(),
-        "--cache-dir".as_ref(),
-        w.cache().as_os_str(),
-        "--unpin".as_ref(),
-        "k".as_ref(),
-    ]);
+    let out = w.prefetch(&w.cfg, &["--unpin"]);
     out.assert_success();
     assert!(
         out.stdout_text().contains("4 unpinned"),
@@ -339,15 +324,7 @@ fn a_read_only_mount_shows_pins_made_by_prefetch_and_refuses_setfattr() {
         "{}",
         out.describe()
     );
-    let out = cli(&[
-        "prefetch".as_ref(),
-        "-c".as_ref(),
-        ro_cfg.as_os_str(),
-        "--cache-dir".as_ref(),
-        w.cache().as_os_str(),
-        "--pin".as_ref(),
-        "k".as_ref(),
-    ]);
+    let out = w.prefetch(&ro_cfg, &["--pin"]);
     out.assert_success();
     assert_eq!(getfattr(&a), "1");
     w.read_ok(&m, "a");

@@ -12,16 +12,6 @@ use std::time::{Duration, Instant};
 use support::faulty::{Background, Fault, Rule};
 use support::*;
 
-fn status_json(mnt: &Path) -> serde_json::Value {
-    let out = run(shacachefs([
-        "status".as_ref(),
-        "--json".as_ref(),
-        mnt.as_os_str(),
-    ]));
-    out.assert_success();
-    serde_json::from_str(&out.stdout_text()).expect("status --json prints JSON")
-}
-
 /// The value of an exposition line `NAME VALUE` (labels included in `name`).
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()

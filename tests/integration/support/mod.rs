@@ -338,6 +338,17 @@ where
     cmd
 }
 
+/// A running mount's status document: `shacachefs status --json MOUNTPOINT`.
+pub fn status_json(mnt: &Path) -> serde_json::Value {
+    let out = run(shacachefs([
+        "status".as_ref(),
+        "--json".as_ref(),
+        mnt.as_os_str(),
+    ]));
+    out.assert_success();
+    serde_json::from_str(&out.stdout_text()).expect("status --json prints JSON")
+}
+
 /// The reference client's virtual environment (`$SHACACHEFS_VENV`). Panics, telling to
 /// run `scripts/test`, when the variable is unset or the environment lacks the client.
 #[track_caller]
