@@ -74,7 +74,18 @@ impl Core {
     /// a publish of that one is over: it works on frozen bytes). One that a handle still
     /// has open is not dropped: it only loses the name, and its handles' close or last
     /// release publishes what was written into it (acknowledged writes are never lost).
-    async fn stage(&self, key: &str, name: &str) -> Result<(String, File, OpenGuard), FsError> {
+    ///
+    /// `from`: the bytes the item starts with (a successor's copy of the published
+    /// version), copied before the item is registered: nothing can open it by its name
+    /// while the copy runs, so no write lands under the copy and is overwritten. Such an
+    /// item never drops another: if the name was staged anew during the copy, the new
+    /// one keeps it and this one goes on unnamed (its handles publish it).
+    async fn stage(
+        &self,
+        key: &str,
+        name: &str,
+        from: Option<File>,
+    ) -> Result<(String, File, OpenGuard), FsError> {
         let outbox = self.writable_outbox()?;
         let old = self.staged_id(key, name);
         let _frozen = match old.as_deref().and_then(|o| self.freeze_of(o)) {
@@ -87,18 +98,49 @@ impl Core {
             &self.opts.namespace,
             &self.opts.extra_meta,
         ))?;
+        let successor = from.is_some();
+        if let Some(src) = from {
+            let dst = file.try_clone()?;
+            let copied = tokio::task::spawn_blocking(move || {
+                let (mut src, mut dst) = (src, dst);
+                std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
+                std::io::copy(&mut src, &mut dst)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+            if let Err(e) = copied {
+                // A copy cut short (a full disk) must not stay as a pending version.
+                let _ = outbox.remove(&item.id);
+                return Err(e.into());
+            }
+        }
         // Dropped only when no handle has it open, decided under the staging lock where
         // handles are counted: an open cannot slip in between.
         let mut st = lock(&self.staging);
-        if let Some(old) = old.filter(|o| st.items.get(o).is_some_and(|i| i.open_count() == 0)) {
-            st.remove(&old);
-            let _ = outbox.remove(&old);
-        }
         let info = StagedInfo::new(key.to_string(), name.to_string());
         // The caller's handle is counted from the start.
         let open = info.open_guard();
-        st.insert(item.id.clone(), info);
-        st.restart_sequence(&item.id);
+        if successor {
+            if !st
+                .by_name
+                .contains_key(&(key.to_string(), name.to_string()))
+            {
+                st.insert(item.id.clone(), info);
+            } else {
+                st.items.insert(item.id.clone(), info);
+            }
+            // Not written in order from its start: hashed when published.
+            st.forget_sequence(&item.id);
+        } else {
+            if let Some(old) = old.filter(|o| st.items.get(o).is_some_and(|i| i.open_count() == 0))
+            {
+                st.remove(&old);
+                let _ = outbox.remove(&old);
+            }
+            st.insert(item.id.clone(), info);
+            st.restart_sequence(&item.id);
+        }
         Ok((item.id, file, open))
     }
 
@@ -127,7 +169,7 @@ impl Core {
         }
         // A name shown escaped (`a%2Fb`) is written back under what it stands for.
         let file_name = unescape(name, KEY_RESERVED).unwrap_or_else(|| name.to_string());
-        let (id, file, open) = self.stage(&key, &file_name).await?;
+        let (id, file, open) = self.stage(&key, &file_name, None).await?;
         let handle = self.staged_handle(id.clone(), key, file_name, file, opener, Some(open))?;
         let (fh, h) = self.add_handle(handle);
         Ok((self.staged_attr(&id)?, fh, h))
@@ -145,7 +187,7 @@ impl Core {
         let handle = match self.node(ino)? {
             Node::Staged(id) => match self.published_node(&id) {
                 Some(Node::Entry { key, name, .. }) if truncate => {
-                    let (id, file, open) = self.stage(&key, &name).await?;
+                    let (id, file, open) = self.stage(&key, &name, None).await?;
                     self.staged_handle(id, key, name, file, opener, Some(open))?
                 }
                 Some(_) => return Err(FsError::NotPermitted("published entries are immutable")),
@@ -156,7 +198,7 @@ impl Core {
                     tracing::info!("key {key}: {name}: published entries cannot be modified (open with O_TRUNC to write a new version)");
                     return Err(FsError::NotPermitted("published entries are immutable"));
                 }
-                let (id, file, open) = self.stage(&key, &name).await?;
+                let (id, file, open) = self.stage(&key, &name, None).await?;
                 self.staged_handle(id, key, name, file, opener, Some(open))?
             }
             Node::Root | Node::ShaDir | Node::Key(_) => return Err(FsError::IsDir),
@@ -244,27 +286,10 @@ impl Core {
                 (id, file, open)
             }
             None => {
-                let (id, file, open) = self.stage(&key, &name).await?;
-                let dst = file.try_clone()?;
-                let copied = tokio::task::spawn_blocking(move || {
-                    let (mut src, mut dst) = (src, dst);
-                    std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
-                    std::io::copy(&mut src, &mut dst)
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-                if let Err(e) = copied {
-                    // A copy cut short (a full disk) must not stay as a pending version.
-                    lock(&self.staging).remove(&id);
-                    let _ = outbox.remove(&id);
-                    return Err(e.into());
-                }
-                let mut st = lock(&self.staging);
-                // Not written in order from its start: hashed when published.
-                st.forget_sequence(&id);
-                st.successor.insert(old.clone(), id.clone());
-                drop(st);
+                let (id, file, open) = self.stage(&key, &name, Some(src)).await?;
+                lock(&self.staging)
+                    .successor
+                    .insert(old.clone(), id.clone());
                 self.mark_dirty(&id);
                 (id, file, open)
             }
