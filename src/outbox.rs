@@ -1,12 +1,27 @@
 //! The upload outbox: files written into the mount wait here until they are published,
 //! and stay here, intact, when publishing fails. Nothing in it is ever evicted.
 //!
-//! Layout: `CACHE/v1/outbox/<id>/` holds `data` (the staged bytes), `meta.json` (key,
+//! Layout: `CACHE/v1/outbox/<id>/` holds `data` (the staged bytes) and `meta.json` (key,
 //! name, namespace, last error, and — once signed — the blob's SHA-512 and the exact
-//! entry to PUT) and `lock` (an `flock` held while the item is being published, so two
-//! processes never publish one item twice). `meta.json` is replaced atomically. The
-//! signed entry is saved before the PUT and reused by every retry of unchanged data, so
-//! a retry after a lost answer resends the same bytes (which shadir does not duplicate).
+//! entry to PUT). The signed entry is saved before the PUT and reused by every retry of
+//! unchanged data, so a retry after a lost answer resends the same bytes (which shadir
+//! does not duplicate).
+//!
+//! Two `flock`s, on inodes the item has anyway: the *publishing* lock, exclusive, on
+//! `data` (two processes never publish one item at once), and the *writer* lock on the
+//! item's directory, shared by the handles of a mount that has the item open for writing
+//! and taken exclusively by a process that publishes or drops the item from outside it
+//! (`claim`). Earlier versions kept these locks on two files of their own (`lock`,
+//! `writing`; left in old items, harmless, and not seen by this version's locks, so do not
+//! run two versions on one cache directory at once): with them and a metadata file
+//! renamed into place at each save, a copied file cost six new inodes, which ext4 without
+//! a journal allocates slowly once many were freed in the last 30 s (BENCHMARKS.md).
+//!
+//! `meta.json` is a log of versions of the item's metadata, one compact JSON object a
+//! line, the last whole one in force: a save appends a line instead of writing a new
+//! file (no new inode; a torn append leaves the version before it), and a log grown past
+//! [`META_LOG_LIMIT`] is replaced whole, atomically. A file that is one JSON document
+//! (older releases wrote it pretty-printed) reads as it always did.
 //!
 //! The outbox is private (0700 directories, 0600 files; an older tree is tightened when
 //! opened), and an item's namespace is its server's URL without credentials: an item an
@@ -20,6 +35,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What is known about a staged file.
@@ -65,6 +81,17 @@ pub struct Item {
 #[derive(Debug, Clone)]
 pub struct Outbox {
     dir: PathBuf,
+    /// Names of the spare item directories this process may reuse (see [`Outbox::retire`]).
+    spares: Arc<Mutex<Vec<String>>>,
+}
+
+/// How a spare item directory's name starts (a dot-name: never an item id).
+const SPARE_PREFIX: &str = ".spare-";
+/// Spare directories kept, at most, by one process (and found at open).
+const MAX_SPARES: usize = 64;
+
+fn spares_of(m: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Held while an item is published; released on drop.
@@ -94,6 +121,10 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
     }
 }
 
+fn not_an_item() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an outbox item id")
+}
+
 /// A name that can be an item's directory (no path separator, no dot-file).
 fn is_item_id(id: &str) -> bool {
     !id.is_empty() && !id.contains('/') && !id.starts_with('.')
@@ -120,12 +151,31 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Past this size a save rewrites `meta.json` whole (see the module's doc).
+const META_LOG_LIMIT: u64 = 16 * 1024;
+
+/// The metadata in force in the text of a `meta.json`: the whole text when it is one
+/// document, else its last line that is one (earlier lines are older versions; a torn
+/// last line is skipped).
+fn parse_meta(text: &[u8]) -> Option<ItemMeta> {
+    if let Ok(meta) = serde_json::from_slice(text) {
+        return Some(meta);
+    }
+    text.split(|&b| b == b'\n')
+        .rev()
+        .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
+        .find_map(|line| serde_json::from_slice(line).ok())
+}
+
 impl Outbox {
     /// The outbox under a cache directory (created if missing).
     pub fn open(cache_dir: &Path) -> std::io::Result<Outbox> {
         let dir = cache_dir.join("v1").join("outbox");
         create_private_dir_all(&dir)?;
-        let outbox = Outbox { dir };
+        let outbox = Outbox {
+            dir,
+            spares: Arc::default(),
+        };
         outbox.tighten_and_migrate();
         Ok(outbox)
     }
@@ -145,6 +195,19 @@ impl Outbox {
                 continue;
             }
             let _ = make_private(&path);
+            if let Some(name) = e
+                .file_name()
+                .to_str()
+                .filter(|n| n.starts_with(SPARE_PREFIX))
+            {
+                let mut spares = spares_of(&self.spares);
+                if spares.len() < MAX_SPARES {
+                    spares.push(name.to_string());
+                } else {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+                continue;
+            }
             if let Ok(files) = std::fs::read_dir(&path) {
                 for f in files.flatten() {
                     let _ = make_private(&f.path());
@@ -160,10 +223,18 @@ impl Outbox {
             if clean == item.meta.namespace {
                 continue;
             }
-            match self.try_lock(&id) {
-                Ok(Some(_lock)) => {
+            // An item without data has nothing to publish: no lock to take.
+            let lock = match self.try_lock(&id) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Ok(None) => Err(()),
+                Ok(Some(l)) => Ok(Some(l)),
+                Err(_) => Err(()),
+            };
+            match lock {
+                Ok(_lock) => {
                     item.meta.namespace = clean;
-                    if let Err(err) = self.save(&item) {
+                    // Rewritten whole, not appended: the old version must not stay.
+                    if let Err(err) = self.rewrite(&item) {
                         tracing::warn!(item = %id, error = %err, "cannot remove credentials from an outbox item's namespace");
                     }
                 }
@@ -199,14 +270,33 @@ impl Outbox {
             rand::random::<u32>()
         );
         let dir = self.item_dir(&id);
-        create_private_dir(&dir)?;
+        if !self.take_spare(&dir) {
+            create_private_dir(&dir)?;
+        }
+        // Truncated, not created anew: a spare directory may still hold what a crash
+        // kept from retiring it (see `retire`), never an unpublished item's data.
+        let _ = std::fs::remove_file(dir.join("incomplete"));
         let file = private_file()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .open(dir.join("data"))?;
         let item = Item { id, meta };
-        if let Err(e) = self.save(&item) {
+        // Written in place: the item is new, and a crash before this line leaves an item
+        // with no data either (listed as broken, removed by `outbox drop`).
+        let first = serde_json::to_vec(&item.meta)
+            .map_err(std::io::Error::other)
+            .and_then(|mut json| {
+                json.push(b'\n');
+                private_file()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(dir.join("meta.json"))?
+                    .write_all(&json)
+            });
+        if let Err(e) = first {
             // No half-made item: nothing was written into it yet.
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
@@ -214,9 +304,30 @@ impl Outbox {
         Ok((item, file))
     }
 
-    /// Writes an item's metadata (atomically).
+    /// Saves an item's metadata: a new version appended to `meta.json` (one `write`;
+    /// readers take the last whole line), or the file replaced atomically once the log
+    /// has grown past [`META_LOG_LIMIT`].
     pub fn save(&self, item: &Item) -> std::io::Result<()> {
-        let json = serde_json::to_vec_pretty(&item.meta).map_err(std::io::Error::other)?;
+        let json = serde_json::to_vec(&item.meta).map_err(std::io::Error::other)?;
+        let path = self.item_dir(&item.id).join("meta.json");
+        let mut log = private_file().append(true).create(true).open(&path)?;
+        if log.metadata()?.len() > META_LOG_LIMIT {
+            drop(log);
+            return self.rewrite(item);
+        }
+        // The leading newline ends a line a crash may have left torn.
+        let mut line = Vec::with_capacity(json.len() + 2);
+        line.push(b'\n');
+        line.extend_from_slice(&json);
+        line.push(b'\n');
+        log.write_all(&line)
+    }
+
+    /// Replaces an item's `meta.json` by its current metadata alone (atomically): no
+    /// earlier version stays in the file.
+    pub fn rewrite(&self, item: &Item) -> std::io::Result<()> {
+        let mut json = serde_json::to_vec(&item.meta).map_err(std::io::Error::other)?;
+        json.push(b'\n');
         write_atomic(&self.item_dir(&item.id).join("meta.json"), &json)
     }
 
@@ -255,7 +366,7 @@ impl Outbox {
     /// One item, if it exists and its metadata reads.
     pub fn get(&self, id: &str) -> Option<Item> {
         let text = std::fs::read(self.item_dir(id).join("meta.json")).ok()?;
-        let meta: ItemMeta = serde_json::from_slice(&text).ok()?;
+        let meta = parse_meta(&text)?;
         Some(Item {
             id: id.to_string(),
             meta,
@@ -291,6 +402,61 @@ impl Outbox {
         (items, broken)
     }
 
+    /// Moves a spare directory to `to`; false when this process knows of none left.
+    fn take_spare(&self, to: &Path) -> bool {
+        loop {
+            let Some(name) = spares_of(&self.spares).pop() else {
+                return false;
+            };
+            // Another process may have taken it (or removed it) meanwhile.
+            if std::fs::rename(self.dir.join(&name), to).is_ok() {
+                return true;
+            }
+        }
+    }
+
+    /// Removes a published item, keeping its directory, with an empty `meta.json`, as a
+    /// spare that a new item of this process takes over (a rename) instead of creating a
+    /// directory and a metadata file: with the data moved into the cache, a copied file
+    /// then costs one new inode and frees none (BENCHMARKS.md: ext4 without a journal
+    /// allocates slowly after many frees). At most [`MAX_SPARES`] are kept; past that,
+    /// or when anything fails, the item is removed as by [`Outbox::remove`].
+    pub fn retire(&self, id: &str) -> std::io::Result<()> {
+        if !is_item_id(id) {
+            return Err(not_an_item());
+        }
+        if spares_of(&self.spares).len() >= MAX_SPARES {
+            return self.remove(id);
+        }
+        let keep = || -> std::io::Result<String> {
+            let dir = self.item_dir(id);
+            // Only meta.json stays (data the cache could not take, older versions'
+            // lock files and any marker go), emptied before the directory leaves the
+            // item's name: a spare never shows as an item.
+            for e in std::fs::read_dir(&dir)? {
+                let e = e?;
+                if e.file_name() != "meta.json" {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+            private_file()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.join("meta.json"))?;
+            let name = format!("{SPARE_PREFIX}{:016x}", rand::random::<u64>());
+            std::fs::rename(&dir, self.dir.join(&name))?;
+            Ok(name)
+        };
+        match keep() {
+            Ok(name) => {
+                spares_of(&self.spares).push(name);
+                Ok(())
+            }
+            Err(_) => self.remove(id),
+        }
+    }
+
     /// Removes an item and its data.
     pub fn remove(&self, id: &str) -> std::io::Result<()> {
         if !is_item_id(id) {
@@ -299,29 +465,22 @@ impl Outbox {
         std::fs::remove_dir_all(self.item_dir(id))
     }
 
-    /// Takes an item's publishing lock without waiting; `None` when another process
-    /// (or another handle) holds it.
+    /// Takes an item's publishing lock (an exclusive `flock` on its `data`) without
+    /// waiting; `None` when another process (or another handle) holds it.
     pub fn try_lock(&self, id: &str) -> std::io::Result<Option<ItemLock>> {
-        let file = private_file()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.item_dir(id).join("lock"))?;
+        if !is_item_id(id) {
+            return Err(not_an_item());
+        }
+        let file = File::open(self.data_path(id))?;
         Ok(flock(&file, libc::LOCK_EX)?.then_some(ItemLock { _file: file }))
     }
 
+    /// The item's directory, opened for its writer lock.
     fn writing_file(&self, id: &str) -> std::io::Result<File> {
         if !is_item_id(id) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not an outbox item id",
-            ));
+            return Err(not_an_item());
         }
-        private_file()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.item_dir(id).join("writing"))
+        File::open(self.item_dir(id))
     }
 
     /// Marks an item as open for writing by this process until the returned lock is
@@ -405,6 +564,181 @@ mod tests {
         ob.remove(&item.id).unwrap();
         assert!(ob.list().0.is_empty());
         assert!(ob.remove("../x").is_err());
+    }
+
+    #[test]
+    fn an_item_is_two_files_and_its_locks_need_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(dir.path()).unwrap();
+        let (mut item, _f) = ob
+            .create(Outbox::new_meta("k", "a", "ns", &Map::new()))
+            .unwrap();
+        let _w = ob.writer_lock(&item.id).unwrap();
+        let _l = ob.try_lock(&item.id).unwrap().expect("publishing lock");
+        item.meta.sha512 = Some("ab".repeat(64));
+        item.meta.entry = Some(("inner".into(), "sig".into()));
+        ob.save(&item).unwrap();
+        let mut files: Vec<String> = std::fs::read_dir(ob.dir().join(&item.id))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["data", "meta.json"]);
+        // The two locks are independent: a writer does not keep the publisher out, and
+        // a claim is refused while a writer holds the item.
+        assert!(ob.claim(&item.id).unwrap().is_none());
+        assert!(ob.try_lock(&item.id).unwrap().is_none(), "held above");
+        std::fs::remove_file(ob.data_path(&item.id)).unwrap();
+        // No data, nothing to publish: NotFound, which a publisher reports as an item
+        // gone when its metadata is gone too.
+        assert_eq!(
+            ob.try_lock(&item.id).err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        assert_eq!(
+            ob.try_lock("no-such-item").err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::NotFound)
+        );
+    }
+
+    #[test]
+    fn metadata_saves_append_and_the_last_whole_version_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(dir.path()).unwrap();
+        let (mut item, _f) = ob
+            .create(Outbox::new_meta("k", "a", "ns", &Map::new()))
+            .unwrap();
+        let path = ob.dir().join(&item.id).join("meta.json");
+        let first_len = std::fs::metadata(&path).unwrap().len();
+        item.meta.last_error = Some("one".into());
+        ob.save(&item).unwrap();
+        item.meta.last_error = Some("two".into());
+        ob.save(&item).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() as u64 > 2 * first_len, "appended: {text}");
+        assert_eq!(
+            ob.get(&item.id).unwrap().meta.last_error.as_deref(),
+            Some("two")
+        );
+        // A torn append (a crash in the middle of the write) leaves the version before.
+        let mut torn = text.clone().into_bytes();
+        torn.extend_from_slice(b"\n{\"key\": \"k\", \"name\": \"a\", \"last_er");
+        std::fs::write(&path, &torn).unwrap();
+        assert_eq!(
+            ob.get(&item.id).unwrap().meta.last_error.as_deref(),
+            Some("two")
+        );
+        // ...and the next save after it is read whole.
+        item.meta.last_error = Some("three".into());
+        ob.save(&item).unwrap();
+        assert_eq!(
+            ob.get(&item.id).unwrap().meta.last_error.as_deref(),
+            Some("three")
+        );
+        // An older release's pretty-printed document reads as before, and appends work
+        // on it.
+        item.meta.last_error = Some("pretty".into());
+        std::fs::write(&path, serde_json::to_vec_pretty(&item.meta).unwrap()).unwrap();
+        assert_eq!(
+            ob.get(&item.id).unwrap().meta.last_error.as_deref(),
+            Some("pretty")
+        );
+        item.meta.last_error = Some("after pretty".into());
+        ob.save(&item).unwrap();
+        assert_eq!(
+            ob.get(&item.id).unwrap().meta.last_error.as_deref(),
+            Some("after pretty")
+        );
+        // A log past the limit is replaced by its last version alone.
+        item.meta.last_error = Some("x".repeat(1000));
+        while std::fs::metadata(&path).unwrap().len() <= META_LOG_LIMIT {
+            ob.save(&item).unwrap();
+        }
+        item.meta.last_error = Some("compacted".into());
+        ob.save(&item).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert_eq!(
+            ob.get(&item.id).unwrap().meta.last_error.as_deref(),
+            Some("compacted")
+        );
+    }
+
+    #[test]
+    fn retired_items_become_spares_a_new_item_takes_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(dir.path()).unwrap();
+        let meta = |name: &str| Outbox::new_meta("k", name, "ns", &Map::new());
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let (a, mut f) = ob.create(meta("a")).unwrap();
+        f.write_all(b"published bytes").unwrap();
+        ob.set_incomplete(&a.id, Some("a marker that must not survive"))
+            .unwrap();
+        let a_dir = inode(&ob.dir().join(&a.id));
+        ob.retire(&a.id).unwrap();
+        // Gone as an item; one hidden spare with an empty meta.json.
+        assert!(ob.get(&a.id).is_none());
+        let (items, broken) = ob.list();
+        assert!(items.is_empty() && broken.is_empty());
+        let spares: Vec<PathBuf> = std::fs::read_dir(ob.dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(spares.len(), 1, "{spares:?}");
+        let names: Vec<_> = std::fs::read_dir(&spares[0])
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["meta.json"]);
+        assert_eq!(
+            std::fs::metadata(spares[0].join("meta.json"))
+                .unwrap()
+                .len(),
+            0
+        );
+        // The next item is that directory, with nothing of the old one in it.
+        let (b, _) = ob.create(meta("b")).unwrap();
+        assert_eq!(inode(&ob.dir().join(&b.id)), a_dir);
+        assert_eq!(std::fs::read(ob.data_path(&b.id)).unwrap(), b"");
+        assert!(!ob.is_incomplete(&b.id));
+        assert_eq!(ob.get(&b.id).unwrap().meta.name, "b");
+        assert_eq!(ob.list().0.len(), 1);
+        // Another process (a new Outbox on the same directory) finds spares at open.
+        ob.retire(&b.id).unwrap();
+        let other = Outbox::open(dir.path()).unwrap();
+        let (c, _) = other.create(meta("c")).unwrap();
+        assert_eq!(inode(&other.dir().join(&c.id)), a_dir);
+        // The first process's name for it is stale: it makes a new directory.
+        let (d, _) = ob.create(meta("d")).unwrap();
+        assert_ne!(inode(&ob.dir().join(&d.id)), a_dir);
+        let (items, broken) = ob.list();
+        assert!(broken.is_empty());
+        assert_eq!(items.len(), 2);
+        // At most MAX_SPARES kept; past that an item is removed.
+        for i in 0..MAX_SPARES + 3 {
+            let (x, _) = other.create(meta(&format!("x{i}"))).unwrap();
+            other.retire(&x.id).unwrap();
+        }
+        let mut made = Vec::new();
+        for i in 0..MAX_SPARES + 3 {
+            made.push(ob.create(meta(&format!("y{i}"))).unwrap().0);
+        }
+        for x in &made {
+            ob.retire(&x.id).unwrap();
+        }
+        let spare_count = std::fs::read_dir(ob.dir())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(SPARE_PREFIX)
+            })
+            .count();
+        assert!(spare_count <= 2 * MAX_SPARES, "{spare_count}");
+        let reopened = Outbox::open(dir.path()).unwrap();
+        assert!(spares_of(&reopened.spares).len() <= MAX_SPARES);
     }
 
     #[test]

@@ -72,7 +72,14 @@ pub async fn publish(
     blob: Option<bool>,
     progress: Progress<'_>,
 ) -> Result<Published, PublishError> {
-    let _lock = outbox.try_lock(id)?.ok_or(PublishError::Busy)?;
+    // The lock is on the item's data: none there is an item gone (published and
+    // removed by another process meanwhile) unless its metadata is still there.
+    let _lock = match outbox.try_lock(id) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && outbox.get(id).is_none() => {
+            return Err(PublishError::Gone(id.to_string()));
+        }
+        r => r?.ok_or(PublishError::Busy)?,
+    };
     let mut item = outbox
         .get(id)
         .ok_or_else(|| PublishError::Gone(id.to_string()))?;

@@ -343,8 +343,8 @@ fn an_item_open_for_writing_is_locked_by_the_mount() {
         .filter(|p| p.is_dir())
         .collect();
     assert_eq!(items.len(), 1, "{items:?}");
-    let lockfile = items[0].join("writing");
-    let held = cmd("flock", &["-n", "-x", lockfile.to_str().unwrap(), "true"]);
+    // The writer lock is a shared flock on the item's directory.
+    let held = cmd("flock", &["-n", "-x", items[0].to_str().unwrap(), "true"]);
     assert!(
         !held.success(),
         "the writer lock is not held while the file is open"
@@ -664,6 +664,22 @@ for name in list(held):
 print(json.dumps(out))
 "#;
 
+/// Every regular file under `dir`.
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(e.path()),
+                Ok(t) if t.is_file() => out.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 /// The records (who, round) in a file's bytes.
 fn records(data: &[u8]) -> std::collections::BTreeSet<(u64, u64)> {
     data.chunks(64)
@@ -748,11 +764,29 @@ fn stress_concurrent_writers_children_and_slow_publishes() {
             let rec = (a[1].as_u64().unwrap(), a[2].as_u64().unwrap());
             let found = published.get(name).is_some_and(|s| s.contains(&rec))
                 || pending.get(name).is_some_and(|s| s.contains(&rec));
-            assert_log_ok(
-                found,
-                &format!("acknowledged record {rec:?} of {name} is neither published nor pending"),
-                &m,
-            );
+            if !found {
+                // Where the record is, if anywhere: a file of the cache directory that
+                // holds it says which path wrote it where it does not belong.
+                let needle = format!("w={:03} r={:03} ", rec.0, rec.1);
+                let holders: Vec<String> = walk_files(&w.cache())
+                    .into_iter()
+                    .filter(|p| {
+                        std::fs::read(p)
+                            .is_ok_and(|d| d.windows(needle.len()).any(|x| x == needle.as_bytes()))
+                    })
+                    .map(|p| p.display().to_string())
+                    .collect();
+                assert_log_ok(
+                    false,
+                    &format!(
+                        "acknowledged record {rec:?} of {name} is neither published nor pending \
+                         (files of the cache directory holding it: {holders:?}; pending: \
+                         {:?})",
+                        support::outbox_items(&w.cache())
+                    ),
+                    &m,
+                );
+            }
             checked += 1;
         }
         for c in out["closes"].as_array().unwrap() {

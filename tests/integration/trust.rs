@@ -446,17 +446,17 @@ fn retry_and_drop_leave_items_open_for_writing_alone() {
     let held_drop = pending_item(&cache_dir, &srv.dir_url(), "held-drop.txt");
     let free = pending_item(&cache_dir, &srv.dir_url(), "free.txt");
     let item_dir = |id: &str| cache_dir.join("v1/outbox").join(id);
-    // A writer in another process: `flock -s` on each held item's `writing` file, for
-    // at most 60 s (killed at the end of the test).
+    // A writer in another process: `flock -s` on each held item's directory (the writer
+    // lock), for at most 60 s (killed at the end of the test).
     let mut writers: Vec<std::process::Child> = [&held, &held_drop]
         .iter()
         .map(|id| {
             // One process holding the lock (killing it releases it).
             std::process::Command::new("sh")
                 .arg("-c")
-                .arg(r#"exec 9>>"$1" && flock -s 9 && exec sleep 60"#)
+                .arg(r#"exec 9<"$1" && flock -s 9 && exec sleep 60"#)
                 .arg("sh")
-                .arg(item_dir(id).join("writing"))
+                .arg(item_dir(id))
                 .spawn()
                 .expect("sh and flock(1)")
         })
@@ -467,7 +467,7 @@ fn retry_and_drop_leave_items_open_for_writing_alone() {
     loop {
         let both = [&held, &held_drop]
             .iter()
-            .all(|id| item_dir(id).join("writing").exists() && outbox.claim(id).unwrap().is_none());
+            .all(|id| outbox.claim(id).unwrap().is_none());
         if both {
             break;
         }

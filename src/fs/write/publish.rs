@@ -311,7 +311,7 @@ impl Core {
                         .bytes_uploaded
                         .fetch_add(p.len, Ordering::Relaxed);
                 }
-                let _ = outbox.remove(id);
+                let _ = outbox.retire(id);
                 lock(&self.staging).remove(id);
                 // Writers waiting on the freeze now move to a new version.
                 drop(frozen);
