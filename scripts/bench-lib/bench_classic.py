@@ -54,6 +54,7 @@ class Classic:
                         ("T7", self.t7), ("T6", self.t6), ("T5", self.t5), ("T8", self.t8)):
             if sel(sid):
                 fn()
+                self.env.sweep_caches()
 
     def t1(self):
         """Cold cat of the big entry."""

@@ -35,8 +35,10 @@ class Limits:
             self.t9()
         if sel("T10") or sel("T11") or sel("T12"):
             self.t10_t12()
+            self.env.sweep_caches()
         if sel("T13"):
             self.t13()
+            self.env.sweep_caches()
 
     def t9(self):
         """`scripts/bench-hash --json`: our SHA-512 against OpenSSL's, its own runs."""
