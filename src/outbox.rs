@@ -89,6 +89,8 @@ pub struct Outbox {
 const SPARE_PREFIX: &str = ".spare-";
 /// Spare directories kept, at most, by one process (and found at open).
 const MAX_SPARES: usize = 64;
+/// How the name of a directory being removed starts (see [`Outbox::remove_tree`]).
+const GONE_PREFIX: &str = ".gone-";
 
 fn spares_of(m: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -204,8 +206,17 @@ impl Outbox {
                 if spares.len() < MAX_SPARES {
                     spares.push(name.to_string());
                 } else {
-                    let _ = std::fs::remove_dir_all(&path);
+                    drop(spares);
+                    let _ = self.remove_tree(name);
                 }
+                continue;
+            }
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(GONE_PREFIX))
+            {
+                // Renamed to be removed by a process that stopped before it was done.
+                let _ = std::fs::remove_dir_all(&path);
                 continue;
             }
             if let Ok(files) = std::fs::read_dir(&path) {
@@ -298,7 +309,7 @@ impl Outbox {
             });
         if let Err(e) = first {
             // No half-made item: nothing was written into it yet.
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = self.remove_tree(&item.id);
             return Err(e);
         }
         Ok((item, file))
@@ -460,9 +471,24 @@ impl Outbox {
     /// Removes an item and its data.
     pub fn remove(&self, id: &str) -> std::io::Result<()> {
         if !is_item_id(id) {
-            return Err(std::io::Error::other("not an outbox item id"));
+            return Err(not_an_item());
         }
-        std::fs::remove_dir_all(self.item_dir(id))
+        self.remove_tree(id)
+    }
+
+    /// Removes directory `name` of the outbox: first renamed to a name nobody takes
+    /// (`.gone-*`), then removed. Removing a tree goes through a descriptor on its
+    /// directory, and a directory here can become another item under another name (a
+    /// spare taken by a rename, here or in another process): removed in place, a
+    /// removal racing with that could delete the new item's files. Renamed first, it
+    /// removes only what it renamed, or nothing when another rename came first. A
+    /// `.gone-*` left by a crash is removed at the next open.
+    fn remove_tree(&self, name: &str) -> std::io::Result<()> {
+        let gone = self
+            .dir
+            .join(format!("{GONE_PREFIX}{:016x}", rand::random::<u64>()));
+        std::fs::rename(self.dir.join(name), &gone)?;
+        std::fs::remove_dir_all(&gone)
     }
 
     /// Takes an item's publishing lock (an exclusive `flock` on its `data`) without
@@ -739,6 +765,39 @@ mod tests {
         assert!(spare_count <= 2 * MAX_SPARES, "{spare_count}");
         let reopened = Outbox::open(dir.path()).unwrap();
         assert!(spares_of(&reopened.spares).len() <= MAX_SPARES);
+    }
+
+    #[test]
+    fn a_removal_renames_first_and_never_reaches_a_reused_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(dir.path()).unwrap();
+        let meta = |name: &str| Outbox::new_meta("k", name, "ns", &Map::new());
+        let (a, _) = ob.create(meta("a")).unwrap();
+        ob.retire(&a.id).unwrap();
+        let (b, mut f) = ob.create(meta("b")).unwrap();
+        f.write_all(b"b's bytes").unwrap();
+        // A removal of `a` that comes late (its directory is `b`'s now) removes nothing.
+        assert_eq!(
+            ob.remove(&a.id).err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        assert_eq!(std::fs::read(ob.data_path(&b.id)).unwrap(), b"b's bytes");
+        assert_eq!(ob.get(&b.id).unwrap().meta.name, "b");
+        // A removal leaves nothing behind; one cut short is finished at the next open.
+        ob.remove(&b.id).unwrap();
+        let names = || -> Vec<String> {
+            std::fs::read_dir(ob.dir())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        };
+        assert!(names().is_empty(), "{:?}", names());
+        let (c, _) = ob.create(meta("c")).unwrap();
+        let cut_short = ob.dir().join(format!("{GONE_PREFIX}0123456789abcdef"));
+        std::fs::rename(ob.dir().join(&c.id), &cut_short).unwrap();
+        let reopened = Outbox::open(dir.path()).unwrap();
+        assert!(!cut_short.exists());
+        assert!(reopened.list().0.is_empty() && reopened.list().1.is_empty());
     }
 
     #[test]

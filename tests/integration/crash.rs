@@ -379,7 +379,12 @@ fn staged_len(cache: &Path, name: &str) -> Option<u64> {
         let Ok(meta) = std::fs::read_to_string(item.path().join("meta.json")) else {
             continue;
         };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&meta) else {
+        // A log of versions, one JSON line each: the last whole one is in force.
+        let Some(v) = meta
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        else {
             continue;
         };
         if v["name"].as_str() == Some(name) {
