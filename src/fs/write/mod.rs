@@ -227,6 +227,13 @@ impl Core {
         let mut h = lock(m);
         let freeze = self.freeze_of(&h.id)?;
         let _frozen = freeze.try_read().ok()?;
+        // A whole publish may have run between the two lines above (this thread
+        // preempted): its data is then a cached blob, never to be written. Held shared,
+        // the freeze keeps a publish out, so an item still staged now stays unpublished
+        // until this write is done; one gone goes the slow way, to its new version.
+        if !lock(&self.staging).items.contains_key(&h.id) {
+            return None;
+        }
         Some(self.write_into(&mut h, offset, data))
     }
 
