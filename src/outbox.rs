@@ -153,6 +153,24 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// An item's metadata as one line of its `meta.json` log (newline included).
+fn meta_line(meta: &ItemMeta) -> std::io::Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(meta).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// Writes `data` as the whole content of `path` (created private, or truncated), in
+/// place: for files no reader can see half-written (a new item's, an emptied spare's).
+fn write_in_place(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?
+        .write_all(data)
+}
+
 /// Past this size a save rewrites `meta.json` whole (see the module's doc).
 const META_LOG_LIMIT: u64 = 16 * 1024;
 
@@ -197,11 +215,10 @@ impl Outbox {
                 continue;
             }
             let _ = make_private(&path);
-            if let Some(name) = e
-                .file_name()
-                .to_str()
-                .filter(|n| n.starts_with(SPARE_PREFIX))
-            {
+            let name = e.file_name().to_str().map(String::from);
+            let name_starts = |prefix: &str| name.as_deref().is_some_and(|n| n.starts_with(prefix));
+            if name_starts(SPARE_PREFIX) {
+                let name = name.as_deref().unwrap_or_default();
                 let mut spares = spares_of(&self.spares);
                 if spares.len() < MAX_SPARES {
                     spares.push(name.to_string());
@@ -211,10 +228,7 @@ impl Outbox {
                 }
                 continue;
             }
-            if e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with(GONE_PREFIX))
-            {
+            if name_starts(GONE_PREFIX) {
                 // Renamed to be removed by a process that stopped before it was done.
                 let _ = std::fs::remove_dir_all(&path);
                 continue;
@@ -224,7 +238,7 @@ impl Outbox {
                     let _ = make_private(&f.path());
                 }
             }
-            let Some(id) = e.file_name().to_str().map(String::from) else {
+            let Some(id) = name else {
                 continue;
             };
             let Some(mut item) = self.get(&id) else {
@@ -234,24 +248,21 @@ impl Outbox {
             if clean == item.meta.namespace {
                 continue;
             }
-            // An item without data has nothing to publish: no lock to take.
-            let lock = match self.try_lock(&id) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Ok(None) => Err(()),
-                Ok(Some(l)) => Ok(Some(l)),
-                Err(_) => Err(()),
+            // Not while another process publishes it; an item without data has nothing
+            // to publish, so no lock to take.
+            let free = match self.try_lock(&id) {
+                Ok(Some(lock)) => Some(Some(lock)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
+                _ => None,
             };
-            match lock {
-                Ok(_lock) => {
-                    item.meta.namespace = clean;
-                    // Rewritten whole, not appended: the old version must not stay.
-                    if let Err(err) = self.rewrite(&item) {
-                        tracing::warn!(item = %id, error = %err, "cannot remove credentials from an outbox item's namespace");
-                    }
-                }
-                _ => {
-                    tracing::warn!(item = %id, "outbox item busy: its namespace keeps credentials until the next start")
-                }
+            if free.is_none() {
+                tracing::warn!(item = %id, "outbox item busy: its namespace keeps credentials until the next start");
+                continue;
+            }
+            item.meta.namespace = clean;
+            // Rewritten whole, not appended: the old version must not stay.
+            if let Err(err) = self.rewrite(&item) {
+                tracing::warn!(item = %id, error = %err, "cannot remove credentials from an outbox item's namespace");
             }
         }
     }
@@ -296,17 +307,7 @@ impl Outbox {
         let item = Item { id, meta };
         // Written in place: the item is new, and a crash before this line leaves an item
         // with no data either (listed as broken, removed by `outbox drop`).
-        let first = serde_json::to_vec(&item.meta)
-            .map_err(std::io::Error::other)
-            .and_then(|mut json| {
-                json.push(b'\n');
-                private_file()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(dir.join("meta.json"))?
-                    .write_all(&json)
-            });
+        let first = meta_line(&item.meta).and_then(|l| write_in_place(&dir.join("meta.json"), &l));
         if let Err(e) = first {
             // No half-made item: nothing was written into it yet.
             let _ = self.remove_tree(&item.id);
@@ -319,27 +320,25 @@ impl Outbox {
     /// readers take the last whole line), or the file replaced atomically once the log
     /// has grown past [`META_LOG_LIMIT`].
     pub fn save(&self, item: &Item) -> std::io::Result<()> {
-        let json = serde_json::to_vec(&item.meta).map_err(std::io::Error::other)?;
+        // The leading newline ends a line a crash may have left torn.
+        let mut entry = vec![b'\n'];
+        entry.extend(meta_line(&item.meta)?);
         let path = self.item_dir(&item.id).join("meta.json");
         let mut log = private_file().append(true).create(true).open(&path)?;
         if log.metadata()?.len() > META_LOG_LIMIT {
             drop(log);
-            return self.rewrite(item);
+            return write_atomic(&path, &entry[1..]);
         }
-        // The leading newline ends a line a crash may have left torn.
-        let mut line = Vec::with_capacity(json.len() + 2);
-        line.push(b'\n');
-        line.extend_from_slice(&json);
-        line.push(b'\n');
-        log.write_all(&line)
+        log.write_all(&entry)
     }
 
     /// Replaces an item's `meta.json` by its current metadata alone (atomically): no
     /// earlier version stays in the file.
     pub fn rewrite(&self, item: &Item) -> std::io::Result<()> {
-        let mut json = serde_json::to_vec(&item.meta).map_err(std::io::Error::other)?;
-        json.push(b'\n');
-        write_atomic(&self.item_dir(&item.id).join("meta.json"), &json)
+        write_atomic(
+            &self.item_dir(&item.id).join("meta.json"),
+            &meta_line(&item.meta)?,
+        )
     }
 
     /// Marks item `id`'s data incomplete (a write into it failed: it is not the file its
@@ -450,11 +449,7 @@ impl Outbox {
                     std::fs::remove_file(e.path())?;
                 }
             }
-            private_file()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.join("meta.json"))?;
+            write_in_place(&dir.join("meta.json"), b"")?;
             let name = format!("{SPARE_PREFIX}{:016x}", rand::random::<u64>());
             std::fs::rename(&dir, self.dir.join(&name))?;
             Ok(name)

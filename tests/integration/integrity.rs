@@ -664,22 +664,6 @@ for name in list(held):
 print(json.dumps(out))
 "#;
 
-/// Every regular file under `dir`.
-fn walk_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => todo.push(e.path()),
-                Ok(t) if t.is_file() => out.push(e.path()),
-                _ => {}
-            }
-        }
-    }
-    out
-}
-
 /// The records (who, round) in a file's bytes.
 fn records(data: &[u8]) -> std::collections::BTreeSet<(u64, u64)> {
     data.chunks(64)
@@ -768,7 +752,7 @@ fn stress_concurrent_writers_children_and_slow_publishes() {
                 // Where the record is, if anywhere: a file of the cache directory that
                 // holds it says which path wrote it where it does not belong.
                 let needle = format!("w={:03} r={:03} ", rec.0, rec.1);
-                let holders: Vec<String> = walk_files(&w.cache())
+                let holders: Vec<String> = support::files_under(&w.cache())
                     .into_iter()
                     .filter(|p| {
                         std::fs::read(p)
