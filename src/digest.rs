@@ -4,6 +4,7 @@
 //! Nothing else in the crate may construct a `VerifiedFile`; code that serves or caches a
 //! blob takes one, so unverified bytes cannot reach a reader by accident.
 
+use crate::behind::Behind;
 use crate::sha512::Hasher as Sha512Hasher;
 use std::fmt;
 use std::fs::File;
@@ -114,12 +115,9 @@ pub struct HashingFile {
     path: TempPath,
     hasher: HashState,
     len: u64,
-    /// With [`HashingFile::write_behind`]: bytes already handed to the disk's writeback.
-    pushed: Option<u64>,
+    /// With [`HashingFile::write_behind`]: the disk's writeback and the page cache.
+    behind: Option<Behind>,
 }
-
-/// Bytes written between two writeback starts of a write-behind file.
-const WRITE_BEHIND_STEP: u64 = 8 << 20;
 
 /// A SHA-512 computed incrementally, on a thread of its own once the data is large.
 pub struct StreamHasher {
@@ -215,21 +213,6 @@ impl HashState {
     }
 }
 
-/// Asks the kernel to start writing a range of `file` to disk, without waiting for it
-/// (best effort: a filesystem without it just writes back later).
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid descriptor owned by `file`; the call reads no memory of ours.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
-
 /// The hash did not match: the temporary file is already deleted.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("SHA-512 mismatch: expected {expected}, got {actual} ({len} bytes)")]
@@ -250,15 +233,17 @@ impl HashingFile {
             path,
             hasher: HashState::Inline(Sha512Hasher::new()),
             len: 0,
-            pushed: None,
+            behind: None,
         })
     }
 
     /// Starts the disk's writeback of each few MiB as soon as they are written, so
     /// that a durable [`HashingFile::finish`] waits for the last few MiB rather than
-    /// for the whole file (the server's uploads: a 512 MiB fsync alone took 0.8 s).
+    /// for the whole file (the server's uploads: a 512 MiB fsync alone took 0.8 s), and
+    /// drops what is on disk from the page cache ([`crate::behind`]). Its writes wait
+    /// for the disk now and then: for a thread that may block.
     pub fn write_behind(mut self) -> Self {
-        self.pushed = Some(0);
+        self.behind = Some(Behind::new());
         self
     }
 
@@ -274,11 +259,8 @@ impl HashingFile {
         let n = data.len() as u64;
         self.hasher.update(data, self.len);
         self.len += n;
-        if let Some(pushed) = self.pushed {
-            if self.len - pushed >= WRITE_BEHIND_STEP {
-                start_writeback(&self.file, pushed, self.len - pushed);
-                self.pushed = Some(self.len);
-            }
+        if let Some(behind) = &mut self.behind {
+            behind.advance(&self.file, self.len);
         }
         Ok(())
     }
@@ -300,8 +282,8 @@ impl HashingFile {
         let old = std::mem::replace(&mut self.hasher, HashState::Inline(Sha512Hasher::new()));
         let _ = old.finalize();
         self.len = 0;
-        if self.pushed.is_some() {
-            self.pushed = Some(0);
+        if self.behind.is_some() {
+            self.behind = Some(Behind::new());
         }
         Ok(())
     }

@@ -6,9 +6,11 @@
 //! writer ([`Growing::grow`], [`Growing::finish`], [`Growing::abandon`]) is the FUSE
 //! session thread; the reader is the upload's body stream ([`Growing::stream`]), which
 //! reads the bytes from the file (its own descriptor, the page cache) as they land.
+//! Sent bytes leave the page cache once on disk ([`crate::behind`]).
 //! An abandoned stream fails the body with an error, which makes the request fail:
 //! the server then stores nothing (it names a blob only after a complete body).
 
+use crate::behind::Behind;
 use bytes::Bytes;
 use std::fs::File;
 use std::io;
@@ -121,7 +123,10 @@ impl Growing {
                 *self.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
             }
         }
-        futures_util::stream::unfold((self, 0u64), |(g, pos)| async move {
+        // What was sent leaves the page cache once on disk (the early upload is the last
+        // reader; a resend at close reads it back from the disk).
+        let behind = Behind::new();
+        futures_util::stream::unfold((self, 0u64, behind), |(g, pos, mut behind)| async move {
             loop {
                 let (len, end) = {
                     let st = g.state();
@@ -129,7 +134,7 @@ impl Growing {
                 };
                 let abandoned = || io::Error::other("the file stopped being written in order");
                 match end {
-                    End::Abandoned => return Some((Err(abandoned()), (g, pos))),
+                    End::Abandoned => return Some((Err(abandoned()), (g, pos, behind))),
                     End::Done(n) if pos >= n => {
                         g.file.lock().unwrap_or_else(|p| p.into_inner()).take();
                         return None;
@@ -140,14 +145,16 @@ impl Growing {
                     let want = (len - pos).min(CHUNK) as usize;
                     let mut buf = vec![0u8; want];
                     let read = match &*g.file.lock().unwrap_or_else(|p| p.into_inner()) {
-                        Some(file) => file.read_exact_at(&mut buf, pos),
+                        Some(file) => file.read_exact_at(&mut buf, pos).inspect(|()| {
+                            behind.advance_async(file, pos + want as u64);
+                        }),
                         None => Err(abandoned()),
                     };
                     let item = read.map(|()| {
                         g.sent.fetch_add(want as u64, Ordering::Relaxed);
                         Bytes::from(buf)
                     });
-                    return Some((item, (g, pos + want as u64)));
+                    return Some((item, (g, pos + want as u64, behind)));
                 }
                 // Nothing new yet: a permit stored by a notify that came before this
                 // wait is taken at once, so no write is missed.
@@ -199,6 +206,40 @@ mod tests {
         assert_eq!(got.len(), all.len());
         assert!(got == all, "bytes differ");
         assert_eq!(g.sent(), all.len() as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_was_sent_leaves_the_page_cache_and_the_file_keeps_it() {
+        // On a disk file system, beside the test binary (not a tmpfs /tmp).
+        let exe = std::env::current_exe().unwrap();
+        let mut f = tempfile::NamedTempFile::new_in(exe.parent().unwrap()).unwrap();
+        let g = Arc::new(Growing::default());
+        let reader = collect(g.clone(), f.reopen().unwrap());
+        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let n = 64u64;
+        for i in 1..=n {
+            f.write_all(&chunk).unwrap();
+            g.grow(i << 20);
+            tokio::task::yield_now().await;
+        }
+        assert!(g.finish(n << 20));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(20), reader)
+            .await
+            .expect("the stream ends after finish")
+            .unwrap()
+            .unwrap();
+        assert!(got.len() as u64 == n << 20 && got.chunks(1 << 20).all(|c| c == chunk));
+        // The last drop may still run on the blocking pool: a bounded wait.
+        let resident = || crate::behind::tests::resident_pages(f.as_file(), n << 20) as u64 * 4096;
+        for _ in 0..200 {
+            if resident() < n << 20 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(resident() < n << 20, "nothing sent was dropped");
+        let back = std::fs::read(f.path()).unwrap();
+        assert!(back == got, "the file changed");
     }
 
     #[tokio::test]

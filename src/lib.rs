@@ -8,6 +8,7 @@
 // only move the allocation to every error path.
 #![allow(clippy::result_large_err)]
 
+pub mod behind;
 pub mod cache;
 pub mod cli;
 pub mod client;
