@@ -17,6 +17,27 @@ from bench_util import (ROOT, SIGN_CERT, SIGN_KEY, STATUS_XATTR, VENV, BenchErro
                         RssSampler, free_port, is_mounted, log, proc_status_kib, tail)
 
 DIR_TTL = 60
+# Set-aside caches are removed during the run only below this much free space.
+SWEEP_BELOW_FREE = 20 << 30
+# The longest wait for idle disks before a scenario.
+SETTLE_LIMIT = 60
+
+
+def disk_activity():
+    """(I/Os completed of every kind, I/Os in flight) over the whole block devices, from
+    /proc/diskstats (partitions and virtual devices left out)."""
+    done = in_flight = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            name = fields[2]
+            if not os.path.exists(f"/sys/block/{name}/device"):
+                continue
+            nums = [int(x) for x in fields[3:]]
+            # reads, writes, in flight, then (newer kernels) discards and flushes.
+            done += nums[0] + nums[4] + sum(nums[11:12]) + sum(nums[15:16])
+            in_flight += nums[8]
+    return (done, in_flight)
 
 
 class Env(Runner):
@@ -161,7 +182,7 @@ class Env(Runner):
         """A new daemon in the foreground; `fresh` empties the cache directory first."""
         self.umount()
         if fresh and self.cache.exists():
-            # Set aside, removed after the scenario (sweep_caches): removing thousands
+            # Set aside, removed at the end (or by sweep_caches when space runs short): removing thousands
             # of files right before a sample would charge this housekeeping to it (ext4
             # without a journal, as on these machines, skips every inode freed in the
             # last 30 s at each allocation; BENCHMARKS.md).
@@ -183,8 +204,30 @@ class Env(Runner):
         return proc
 
     def sweep_caches(self):
-        """Removes the cache directories of the earlier fresh daemons."""
-        shutil.rmtree(self.old_caches, ignore_errors=True)
+        """Removes the cache directories of the earlier fresh daemons, but only when the
+        disk runs short (the scratch directory goes at the end anyway), then waits for
+        idle disks: removing gigabytes between scenarios put the file system's work
+        (ext4 without a journal skips inodes freed in the last 30 s at each allocation:
+        fifth pass; `/` is mounted with `discard`, so frees also send TRIMs) next to the
+        next scenario's samples."""
+        if shutil.disk_usage(self.scratch).free < SWEEP_BELOW_FREE:
+            shutil.rmtree(self.old_caches, ignore_errors=True)
+        self.settle()
+
+    def settle(self):
+        """Waits until the block devices have been idle for a second (bounded): what an
+        earlier step left in flight (writeback, discards) is not timed with the next."""
+        os.sync()
+        deadline = time.monotonic() + SETTLE_LIMIT
+        last, quiet_since = None, time.monotonic()
+        while time.monotonic() < deadline:
+            now = disk_activity()
+            if now != last or now[-1] > 0:
+                last, quiet_since = now, time.monotonic()
+            elif time.monotonic() - quiet_since >= 1.0:
+                return
+            time.sleep(0.1)
+        log(f"the disks were still busy after {SETTLE_LIMIT} s; going on")
 
     def memory_mib(self):
         """The daemon's (VmRSS, VmHWM) in MiB."""
