@@ -21,8 +21,9 @@ use hyper::header::{
     CONTENT_TYPE, ETAG, IF_RANGE, RANGE,
 };
 use hyper::{Response, StatusCode};
-use std::io::{self, SeekFrom};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::info;
 
@@ -159,16 +160,7 @@ pub(crate) async fn download(
         }
     };
     let body = match file {
-        Some(file) if len > 0 => {
-            let mut file = tokio::fs::File::from_std(file);
-            if start > 0 {
-                if let Err(e) = file.seek(SeekFrom::Start(start)).await {
-                    return internal("reading a blob", &e);
-                }
-            }
-            let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_CHUNK);
-            StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync()
-        }
+        Some(file) if len > 0 => file_body(file, start, len),
         _ => full(Bytes::new()),
     };
     let mut r = Response::new(body);
@@ -186,6 +178,41 @@ pub(crate) async fn download(
         );
     }
     r
+}
+
+/// `len` bytes of `file` from `start`, in [`READ_CHUNK`] pieces, each read on the
+/// blocking pool straight into the buffer that is sent, the next one read while this
+/// one goes out. (`tokio::fs::File` copied each chunk twice, from its own buffer into
+/// the stream's, and hopped to the pool for every read of at most the stream's
+/// capacity; no thread is held between chunks here either, so a slow client pins none.)
+fn file_body(file: std::fs::File, start: u64, len: u64) -> Body {
+    let file = Arc::new(file);
+    let end = start + len;
+    let read = move |pos: u64| {
+        let file = file.clone();
+        let n = (end - pos).min(READ_CHUNK as u64) as usize;
+        let task = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, pos)?;
+            Ok(Bytes::from(buf))
+        });
+        (task, pos + n as u64)
+    };
+    let first = read(start);
+    let stream = futures_util::stream::unfold(Some(first), move |next| {
+        let read = read.clone();
+        async move {
+            let (task, after) = next?;
+            let chunk = match task.await {
+                Ok(Ok(chunk)) => chunk,
+                Ok(Err(e)) => return Some((Err(e), None)),
+                Err(e) => return Some((Err(io::Error::other(e)), None)),
+            };
+            let following = (after < end).then(|| read(after));
+            Some((Ok(chunk), following))
+        }
+    });
+    StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync()
 }
 
 fn set(r: &mut Response<Body>, name: hyper::header::HeaderName, value: String) {

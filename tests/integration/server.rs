@@ -222,6 +222,41 @@ async fn absent_and_malformed_blob_names() {
 }
 
 #[tokio::test]
+async fn blobs_of_many_read_chunks_are_sent_whole_and_by_ranges() {
+    // Past several of the server's 256 KiB read chunks, with a tail that is not one.
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(opts(dir.path())).await;
+    let c = http();
+    let body: Vec<u8> = (0..(5u32 << 20) / 4 + 12_345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let n = body.len();
+    let sha = post(&c, &s, body.clone()).await.text().await.unwrap();
+    let url = format!("{}/{sha}", s.cache_url());
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.bytes().await.unwrap() == body, "whole blob differs");
+    let chunk = 256 << 10;
+    for (start, end) in [
+        (chunk - 1, chunk),
+        (chunk + 7, 3 * chunk + 5),
+        (1, n - 2),
+        (4 * chunk, n - 1),
+    ] {
+        let r = c
+            .get(&url)
+            .header(RANGE, format!("bytes={start}-{end}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+        let got = r.bytes().await.unwrap();
+        assert!(got == body[start..=end], "range {start}-{end} differs");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn head_and_ranges() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(opts(dir.path())).await;
