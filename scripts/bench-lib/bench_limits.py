@@ -8,7 +8,7 @@ import os
 import subprocess
 import time
 
-from bench_util import ROOT, BenchError, alternate, fmt_time, log
+from bench_util import ROOT, WARMUP_ROUNDS, BenchError, alternate, fmt_time, log
 
 # The big-key mounts keep their listing this long, so that every warm sample is within
 # the TTL however slow a sample is.
@@ -100,7 +100,7 @@ class Limits:
                            f"({answer / 1e6:.1f} MB answer), cold", samples,
                            ["ls -l local dir (cold)"], ("<=", None), absolute=1.0)
         self.report.notes += [f"T10 cold run {i + 1}, after the `ls -l`: {c}"
-                              for i, c in enumerate(cold_notes)]
+                              for i, c in enumerate(cold_notes[WARMUP_ROUNDS:])]
         # Warm: the last cold run's daemon again, within its TTL.
         env.timed(["ls", "-l", local])
         started = time.monotonic()
@@ -158,7 +158,7 @@ class Limits:
         base = f"networkcache-upload ({m} files)"
         samples = alternate([("shacachefs", sfs), (base, reference)], self.p["runs"])
         self.report.notes += [f"T13 run {i + 1}, the daemon after its `cp`: {c}"
-                              for i, c in enumerate(notes)]
+                              for i, c in enumerate(notes[WARMUP_ROUNDS:])]
         self.report.notes.append(f"T13: networkcache-upload is timed on the first {m} of "
                                  f"the {n} files (one process a file) and compared per file")
         self.report.record("T13", f"`cp` of {n} files of 2 KiB into one key (fresh daemon), "

@@ -173,9 +173,21 @@ class Runner:
         return elapsed
 
 
-def alternate(sides, runs):
+# Rounds run before the recorded ones (see `alternate`).
+WARMUP_ROUNDS = 1
+
+
+def alternate(sides, runs, warmup=WARMUP_ROUNDS):
     """Runs each side `runs` times, alternating (the first side rotates each round);
-    `sides` is [(label, callable returning seconds)]. Returns {label: [seconds]}."""
+    `sides` is [(label, callable returning seconds)]. Returns {label: [seconds]}.
+
+    First, `warmup` rounds whose samples are thrown away: the first sample of a scenario
+    paid for the machine's idle second before it (on these VMs, memory freed a few
+    seconds ago goes back to the host and is slow to touch again; BENCHMARKS.md, sixth
+    pass), and the rotation put shacachefs first in every scenario."""
+    for _ in range(warmup):
+        for _label, fn in reversed(sides):
+            fn()
     samples = {label: [] for label, _ in sides}
     for r in range(runs):
         for k in range(len(sides)):
