@@ -182,9 +182,9 @@ def alternate(sides, runs, warmup=WARMUP_ROUNDS):
     `sides` is [(label, callable returning seconds)]. Returns {label: [seconds]}.
 
     First, `warmup` rounds whose samples are thrown away: the first sample of a scenario
-    paid for the machine's idle second before it (on these VMs, memory freed a few
-    seconds ago goes back to the host and is slow to touch again; BENCHMARKS.md, sixth
-    pass), and the rotation put shacachefs first in every scenario."""
+    was its slowest (most likely the idle second before it: on these VMs, memory freed a
+    few seconds ago goes back to the host and is slow to touch again; BENCHMARKS.md,
+    sixth pass), and the rotation put shacachefs first in every scenario."""
     for _ in range(warmup):
         for _label, fn in reversed(sides):
             fn()
