@@ -96,7 +96,7 @@ impl Behind {
 
 /// Asks the kernel to start writing a range of `file` to disk, without waiting for it
 /// (best effort: a filesystem without it just writes back later).
-pub fn start_writeback(file: &File, offset: u64, len: u64) {
+fn start_writeback(file: &File, offset: u64, len: u64) {
     // SAFETY: a valid descriptor owned by `file`; the call reads no memory of ours.
     unsafe {
         libc::sync_file_range(
@@ -154,10 +154,29 @@ pub(crate) mod tests {
         }
     }
 
-    fn write_with(advance: impl Fn(&mut Behind, &File, u64)) -> (tempfile::NamedTempFile, u64) {
-        // Beside the test binary: a disk file system (a tmpfs `/tmp` would keep every page).
+    /// A temporary file beside the test binary: on a disk file system (a tmpfs `/tmp`
+    /// would keep every page).
+    pub(crate) fn disk_tempfile() -> tempfile::NamedTempFile {
         let exe = std::env::current_exe().unwrap();
-        let mut tmp = tempfile::NamedTempFile::new_in(exe.parent().unwrap()).unwrap();
+        tempfile::NamedTempFile::new_in(exe.parent().unwrap()).unwrap()
+    }
+
+    /// Bytes of the first `len` of `file` still in the page cache, after waiting (at
+    /// most 2 s) for a drop that may still run on the blocking pool to leave fewer
+    /// than `len`.
+    pub(crate) async fn resident_after_drops(file: &File, len: u64) -> u64 {
+        let resident = || resident_pages(file, len) as u64 * 4096;
+        for _ in 0..200 {
+            if resident() < len {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        resident()
+    }
+
+    fn write_with(advance: impl Fn(&mut Behind, &File, u64)) -> (tempfile::NamedTempFile, u64) {
+        let mut tmp = disk_tempfile();
         let mut behind = Behind::new();
         let chunk = vec![7u8; 1 << 20];
         let mut done = 0u64;
@@ -209,14 +228,7 @@ pub(crate) mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_async_drop_runs_on_the_blocking_pool_and_keeps_the_bytes() {
         let (tmp, len) = write_with(|b, f, done| b.advance_async(f, done));
-        // The last drop may still be running: bounded wait for it.
-        for _ in 0..200 {
-            if resident_pages(tmp.as_file(), len) as u64 * 4096 < len {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let resident = resident_pages(tmp.as_file(), len) as u64 * 4096;
+        let resident = resident_after_drops(tmp.as_file(), len).await;
         assert!(
             resident < len,
             "nothing was dropped ({resident} of {len} bytes)"

@@ -210,9 +210,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn what_was_sent_leaves_the_page_cache_and_the_file_keeps_it() {
-        // On a disk file system, beside the test binary (not a tmpfs /tmp).
-        let exe = std::env::current_exe().unwrap();
-        let mut f = tempfile::NamedTempFile::new_in(exe.parent().unwrap()).unwrap();
+        let mut f = crate::behind::tests::disk_tempfile();
         let g = Arc::new(Growing::default());
         let reader = collect(g.clone(), f.reopen().unwrap());
         let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -229,15 +227,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(got.len() as u64 == n << 20 && got.chunks(1 << 20).all(|c| c == chunk));
-        // The last drop may still run on the blocking pool: a bounded wait.
-        let resident = || crate::behind::tests::resident_pages(f.as_file(), n << 20) as u64 * 4096;
-        for _ in 0..200 {
-            if resident() < n << 20 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert!(resident() < n << 20, "nothing sent was dropped");
+        let resident = crate::behind::tests::resident_after_drops(f.as_file(), n << 20).await;
+        assert!(resident < n << 20, "nothing sent was dropped");
         let back = std::fs::read(f.path()).unwrap();
         assert!(back == got, "the file changed");
     }

@@ -7,7 +7,7 @@ import time
 
 from bench_env import DIR_TTL
 from bench_util import (WARMUP_ROUNDS, MiB, BenchError, alternate, fmt_size, fmt_time,
-                        log)
+                        log, swingy_runs)
 
 # Scenarios whose single sample lasts milliseconds get this many more samples.
 SMALL_REPEAT = 5
@@ -75,7 +75,7 @@ class Classic:
                 env.ref("networkcache-download", "-k", "bench-big"), cold=True)),
             ("curl | sha512sum", lambda: env.timed(
                 f"set -o pipefail; curl -sfS {url} | sha512sum > /dev/null", cold=True)),
-        ], self.swingy_runs())
+        ], swingy_runs(self.p["runs"]))
         env.umount()
         self.report.memory += [f"T1 cold `cat` of {fmt_size(self.p['big'])}: VmHWM "
                                f"{vm:.1f} MiB (peaks: {peaks})"
@@ -183,11 +183,6 @@ class Classic:
                            [f"{n}× curl | sha512sum"], (">=", 0.9), kind="throughput",
                            unit=mibs)
 
-    def swingy_runs(self):
-        """T1 and T5 (cold reads and writes of 512 MiB) swing by a third from sample to
-        sample with the page cache and the disk: at least five runs a side."""
-        return max(self.p["runs"], 5) if self.p["runs"] > 1 else self.p["runs"]
-
     @staticmethod
     def new_content(path):
         """A new blob in place: rewrites the first bytes (no upload can be skipped)."""
@@ -223,7 +218,8 @@ class Classic:
                 f" --data-binary @{q} {url})\" = 201")
 
         samples = alternate([("shacachefs", sfs), ("networkcache-upload", reference),
-                             ("sha512sum + curl POST", curl)], self.swingy_runs())
+                             ("sha512sum + curl POST", curl)],
+                            swingy_runs(self.p["runs"]))
         env.umount()
         self.report.memory += [f"T5 `cp` of {fmt_size(self.p['big'])} (one daemon for all "
                                f"runs): VmHWM {vm:.1f} MiB (peaks: {peaks})"

@@ -182,10 +182,10 @@ class Env(Runner):
         """A new daemon in the foreground; `fresh` empties the cache directory first."""
         self.umount()
         if fresh and self.cache.exists():
-            # Set aside, removed at the end (or by sweep_caches when space runs short): removing thousands
-            # of files right before a sample would charge this housekeeping to it (ext4
-            # without a journal, as on these machines, skips every inode freed in the
-            # last 30 s at each allocation; BENCHMARKS.md).
+            # Set aside, removed at the end (or by sweep_caches when space runs short):
+            # removing thousands of files right before a sample would charge this
+            # housekeeping to it (ext4 without a journal, as on these machines, skips
+            # every inode freed in the last 30 s at each allocation; BENCHMARKS.md).
             self.old_caches.mkdir(exist_ok=True)
             self.cache.rename(self.old_caches / f"cache-{self.mount_count}")
         self.mount_count += 1

@@ -177,6 +177,13 @@ class Runner:
 WARMUP_ROUNDS = 1
 
 
+def swingy_runs(runs):
+    """Runs a side for T1 and T5 (cold reads and writes of 512 MiB), whose samples swing
+    by a third with the page cache and the disk: at least five, except in a one-run
+    smoke test."""
+    return max(runs, 5) if runs > 1 else runs
+
+
 def alternate(sides, runs, warmup=WARMUP_ROUNDS):
     """Runs each side `runs` times, alternating (the first side rotates each round);
     `sides` is [(label, callable returning seconds)]. Returns {label: [seconds]}.
